@@ -1,1 +1,158 @@
-//! placeholder
+//! The launcher: the one process that runs as root. It reads the config and the TLS key, binds
+//! the listeners and the control socket, keeps only the capabilities it still needs, and
+//! supervises the unprivileged proxy and fleet workers. It never parses network input.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, validated with key and line in every error.
+//! - [`roles`]: who each worker runs as, the capabilities the launcher keeps, the drop.
+//! - [`bind`]: listening sockets and the control socket.
+//! - [`supervisor`]: the event loop (spawn, connect, respawn, reap, shut down).
+//! - [`demo`]: the embedded default configuration of `overwatch demo`.
+//! - [`notify`]: systemd notifications.
+
+#![forbid(unsafe_code)]
+
+pub mod bind;
+pub mod config;
+pub mod demo;
+pub mod notify;
+pub mod roles;
+pub mod supervisor;
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use protocol::{ListenerSpec, TlsMaterial};
+
+use config::{Accounts, Config, ConfigError};
+use supervisor::{Prepared, Supervisor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bind(#[from] bind::BindError),
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Privileges(#[from] roles::PrivError),
+    #[error(transparent)]
+    Supervise(#[from] supervisor::SuperviseError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// How accounts are handled for a launcher started by the current user.
+pub fn accounts_for_current_user() -> Accounts {
+    if nix::unistd::geteuid().is_root() {
+        Accounts::Switch
+    } else {
+        Accounts::Inherit
+    }
+}
+
+/// `overwatch check-config`: the summary of a valid file.
+pub fn check_config(path: &Path) -> Result<String, ConfigError> {
+    Config::load(path, accounts_for_current_user()).map(|c| c.summary())
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
+    std::fs::read(path).map_err(|source| LaunchError::Read {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Does everything that needs root: bind, read secrets, create the state directory.
+/// Nothing is left behind if it fails: sockets close with the error.
+pub fn prepare(config: Config, accounts: Accounts) -> Result<Prepared, LaunchError> {
+    let switch_users = accounts == Accounts::Switch;
+    let mut listeners: Vec<(ListenerSpec, OwnedFd)> = Vec::new();
+    for spec in config.listeners() {
+        let addr = spec.addr.parse().expect("validated by the config");
+        let (fd, bound) = bind::tcp_listener(addr)?;
+        listeners.push((
+            ListenerSpec {
+                kind: spec.kind,
+                addr: bound.to_string(),
+            },
+            fd,
+        ));
+    }
+    let tls = if config.https.is_empty() {
+        None
+    } else {
+        Some(TlsMaterial {
+            cert_chain_pem: read("certificate", &config.cert)?,
+            key_pem: read("private key", &config.key)?,
+        })
+    };
+    let proxy_settings = config
+        .proxy_settings()
+        .map_err(|source| LaunchError::Read {
+            what: "CA bundle",
+            path: format!("{:?}", config.https_ca),
+            source,
+        })?;
+    for dir in [config.state_dir.clone(), config.state_dir.join("logs")] {
+        let err = |source| LaunchError::StateDir {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        if switch_users {
+            std::os::unix::fs::chown(&dir, Some(config.app_user.uid), Some(config.app_user.gid))
+                .map_err(err)?;
+        }
+    }
+    let owner = if switch_users {
+        Some((
+            0,
+            config.control_group.as_ref().map(|(_, g)| *g).unwrap_or(0),
+        ))
+    } else {
+        None
+    };
+    let control = bind::control_socket(&config.control_socket, owner)?;
+    Ok(Prepared {
+        config,
+        switch_users,
+        listeners,
+        control,
+        tls,
+        proxy_settings,
+    })
+}
+
+/// `overwatch run`: prepare, drop privileges, supervise until SIGTERM/SIGINT.
+pub fn run(config: Config, accounts: Accounts) -> Result<(), LaunchError> {
+    let prepared = prepare(config, accounts)?;
+    roles::become_subreaper()?;
+    if nix::unistd::geteuid().is_root() {
+        roles::drop_launcher_capabilities()?;
+        tracing::info!(
+            kept = ?roles::LAUNCHER_CAPS.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>(),
+            "capabilities dropped"
+        );
+    }
+    let control_path = prepared.config.control_socket.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LaunchError::Runtime)?;
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&runtime, Supervisor::new(prepared).run());
+    let _ = std::fs::remove_file(&control_path);
+    Ok(result?)
+}
