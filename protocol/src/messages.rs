@@ -97,6 +97,8 @@ pub struct ProxyInit {
 }
 
 /// Launcher → proxy worker.
+// Sent a few times per process lifetime: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LauncherToProxy {
     /// Descriptors: one listening socket per `listeners` entry, in order.
@@ -255,6 +257,8 @@ pub struct FleetInit {
 }
 
 /// Launcher → fleet worker.
+// Sent a few times per process lifetime: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LauncherToFleet {
     /// Descriptors: exactly one, the listening control socket.
@@ -367,6 +371,8 @@ pub struct StatusReport {
 
 /// Fleet worker → `overwatchctl`; a request gets any number of `Progress`/`Log` lines and
 /// ends with exactly one `Status`, `Done` or `Refused`.
+// Sent a few times per process lifetime: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CtlResponse {
     Status(StatusReport),
