@@ -44,6 +44,9 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print the protocol version and build, for an upgrade's preflight.
+    #[command(hide = true)]
+    Probe,
     /// Internal: a worker process, started by the launcher.
     #[command(hide = true)]
     Worker {
@@ -87,6 +90,10 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Probe => {
+            println!("protocol={}\nbuild={}", protocol::PROTOCOL_VERSION, protocol::build_id());
+            ExitCode::SUCCESS
+        }
         Cmd::CheckConfig { config } => match launcher::check_config(&config) {
             Ok(summary) => {
                 println!("{summary}");

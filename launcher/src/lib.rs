@@ -18,6 +18,7 @@ pub mod demo;
 pub mod notify;
 pub mod roles;
 pub mod supervisor;
+pub mod upgrade;
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
