@@ -1,0 +1,216 @@
+//! Client side: accept loops on the inherited listeners, TLS handshakes, HTTP/1.1 and HTTP/2
+//! connections, and the graceful shutdown of all of them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use protocol::{ListenerKind, ShutdownKind};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proxy::{ConnInfo, Proxy};
+
+/// A client gets this long to send a request's headers (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// And this long to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP/2 header list accepted; HTTP/1 heads are bounded by hyper's read buffer.
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Most headers in one HTTP/1 request.
+const MAX_HEADERS: usize = 128;
+/// Client connections served at once; beyond it new connections wait in the kernel's accept
+/// queue. Each costs two descriptors (client and instance side).
+const MAX_CONNECTIONS: usize = 16_384;
+/// Pause after an accept error such as EMFILE, so a descriptor shortage is no busy loop.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One inherited listening socket. The launcher keeps its own copy: ours is only dropped,
+/// never shut down, so connections queue for a successor.
+pub struct Listener {
+    pub kind: ListenerKind,
+    pub addr: String,
+    pub socket: TcpListener,
+    pub tls: Option<TlsAcceptor>,
+}
+
+struct Shared {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    stop_accept: CancellationToken,
+    graceful: CancellationToken,
+    permits: Arc<Semaphore>,
+}
+
+/// The accept loops and every client connection.
+pub struct Server {
+    shared: Arc<Shared>,
+    accept: TaskTracker,
+}
+
+impl Server {
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_headers(MAX_HEADERS)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_LIST_SIZE);
+        Server {
+            shared: Arc::new(Shared {
+                proxy,
+                builder,
+                stop_accept: CancellationToken::new(),
+                graceful: CancellationToken::new(),
+                permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            }),
+            accept: TaskTracker::new(),
+        }
+    }
+
+    /// Starts accepting on every listener.
+    pub fn start(&self, listeners: Vec<Listener>) {
+        for listener in listeners {
+            tracing::info!(addr = %listener.addr, kind = ?listener.kind, "accepting");
+            self.accept
+                .spawn(accept_loop(listener, self.shared.clone()));
+        }
+    }
+
+    /// Stops accepting, closes every connection gracefully within `drain_timeout` (`Fast`: at
+    /// once), then drops whatever is left.
+    pub async fn shutdown(&self, kind: ShutdownKind, drain_timeout: Duration) {
+        let shared = &self.shared;
+        shared.stop_accept.cancel();
+        self.accept.close();
+        self.accept.wait().await;
+        let tasks = &shared.proxy.tasks;
+        tracing::info!(?kind, connections = tasks.len(), "draining connections");
+        shared.graceful.cancel();
+        tasks.close();
+        let budget = match kind {
+            ShutdownKind::Fast => Duration::ZERO,
+            ShutdownKind::Graceful | ShutdownKind::Upgrade => drain_timeout,
+        };
+        if tokio::time::timeout(budget, tasks.wait()).await.is_err() {
+            if kind != ShutdownKind::Fast {
+                tracing::warn!(
+                    left = tasks.len(),
+                    "drain deadline passed; closing the rest"
+                );
+            }
+            shared.proxy.hard_stop.cancel();
+            tasks.wait().await;
+        }
+    }
+}
+
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted)
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let Listener {
+        kind,
+        addr,
+        socket,
+        tls,
+    } = listener;
+    let stop = &shared.stop_accept;
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            p = shared.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = socket.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let conn = serve(stream, peer, kind, tls.clone(), permit, shared.clone());
+                shared.proxy.tasks.spawn(conn);
+            }
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "accept failed; backing off");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    tracing::info!(%addr, "stopped accepting");
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    tls: Option<TlsAcceptor>,
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let _ = stream.set_nodelay(true);
+    let info = ConnInfo { kind, client: peer };
+    let Some(acceptor) = tls else {
+        return serve_http(TokioIo::new(stream), info, &shared).await;
+    };
+    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let tls_stream = tokio::select! {
+        r = handshake => r,
+        _ = shared.proxy.hard_stop.cancelled() => return,
+    };
+    match tls_stream {
+        Ok(Ok(s)) => serve_http(TokioIo::new(s), info, &shared).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+async fn serve_http<I>(io: I, info: ConnInfo, shared: &Shared)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = info.client;
+    let info = Arc::new(info);
+    let proxy = shared.proxy.clone();
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+    });
+    let conn = shared.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let hard_stop = &shared.proxy.hard_stop;
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = hard_stop.cancelled() => return,
+            }
+        }
+        _ = hard_stop.cancelled() => return,
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
