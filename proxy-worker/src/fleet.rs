@@ -11,7 +11,7 @@ use protocol::{Channel, FleetToProxy, ProxyToFleet};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::routes::Router;
+use crate::routes::{wait_idle, Router};
 
 pub type FleetChannel = Channel<ProxyToFleet, FleetToProxy>;
 
@@ -136,10 +136,14 @@ async fn serve(
         match msg {
             FleetToProxy::Routes(routes) => router.install(routes),
             FleetToProxy::Drain { id, timeout_ms } => {
-                let router = router.clone();
+                // Out of rotation before the next message is read; the wait runs aside.
+                let backend = router.start_drain(id);
                 let chan = chan.clone();
                 drains.spawn(async move {
-                    let left = router.drain(id, Duration::from_millis(timeout_ms)).await;
+                    let left = match backend {
+                        Some(b) => wait_idle(&b, Duration::from_millis(timeout_ms)).await,
+                        None => 0,
+                    };
                     tracing::info!(id, in_flight_left = left, "instance drained");
                     let reply = ProxyToFleet::Drained {
                         id,

@@ -63,6 +63,23 @@ impl BackendState {
     }
 }
 
+/// Waits until `backend` has no request in flight or `timeout` passed; returns the requests
+/// still in flight.
+pub async fn wait_idle(backend: &BackendState, timeout: Duration) -> u64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let idle = backend.idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        if backend.in_flight() == 0 {
+            return 0;
+        }
+        if tokio::time::timeout_at(deadline, idle).await.is_err() {
+            return backend.in_flight();
+        }
+    }
+}
+
 /// Counts one request as in flight on a backend until dropped.
 #[derive(Debug)]
 pub struct InFlight(Arc<BackendState>);
@@ -232,30 +249,13 @@ impl Router {
         }
     }
 
-    /// Stops new requests to `id`, then waits until its in-flight count is zero or `timeout`
-    /// passed; returns the requests still in flight.
-    pub async fn drain(&self, id: InstanceId, timeout: Duration) -> u64 {
-        let backend = {
-            let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-            registry.get(&id).cloned()
-        };
-        let Some(backend) = backend else {
-            return 0;
-        };
+    /// Stops new requests to `id` at once; [`wait_idle`] then waits for the ones in flight.
+    /// `None`: the proxy does not know `id` (nothing in flight).
+    pub fn start_drain(&self, id: InstanceId) -> Option<Arc<BackendState>> {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let backend = registry.get(&id).cloned()?;
         backend.draining.store(true, Ordering::Release);
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let idle = backend.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            let left = backend.in_flight();
-            if left == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                return backend.in_flight();
-            }
-        }
+        Some(backend)
     }
 
     /// Counters of every tracked backend, by id.
@@ -353,22 +353,16 @@ mod tests {
         let r = Arc::new(Router::default());
         r.install(routes(1, &[(1, Pool::Http), (2, Pool::Http)]));
         let held = InFlight::new(r.pick(Pool::Http, &[2]).unwrap());
-        let drain = tokio::spawn({
-            let r = r.clone();
-            async move { r.drain(1, Duration::from_secs(30)).await }
-        });
-        tokio::task::yield_now().await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !held.backend().is_draining() {
-            assert!(Instant::now() < deadline);
-            tokio::task::yield_now().await;
-        }
+        let draining = r.start_drain(1).unwrap();
+        assert!(held.backend().is_draining());
+        let drain =
+            tokio::spawn(async move { wait_idle(&draining, Duration::from_secs(30)).await });
         for _ in 0..4 {
             assert_eq!(r.pick(Pool::Http, &[]).unwrap().id, 2);
         }
         drop(held);
         assert_eq!(drain.await.unwrap(), 0);
-        assert_eq!(r.drain(99, Duration::ZERO).await, 0);
+        assert!(r.start_drain(99).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -376,7 +370,8 @@ mod tests {
         let r = Router::default();
         r.install(routes(1, &[(1, Pool::Http)]));
         let _held = InFlight::new(r.pick(Pool::Http, &[]).unwrap());
-        assert_eq!(r.drain(1, Duration::from_millis(50)).await, 1);
+        let b = r.start_drain(1).unwrap();
+        assert_eq!(wait_idle(&b, Duration::from_millis(50)).await, 1);
     }
 
     #[tokio::test(start_paused = true)]
