@@ -26,6 +26,9 @@ enum Cmd {
     Run {
         #[arg(long, env = "OVERWATCH_CONFIG", default_value = launcher::config::DEFAULT_PATH)]
         config: PathBuf,
+        /// Internal: set by a launcher re-executing itself for an upgrade.
+        #[arg(long, hide = true)]
+        upgrade_state_fd: Option<i32>,
     },
     /// Validate a config file and print a summary; exit 0 valid, 1 invalid.
     CheckConfig {
@@ -91,7 +94,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Probe => {
-            println!("protocol={}\nbuild={}", protocol::PROTOCOL_VERSION, protocol::build_id());
+            println!(
+                "protocol={}\nbuild={}",
+                protocol::PROTOCOL_VERSION,
+                protocol::build_id()
+            );
             ExitCode::SUCCESS
         }
         Cmd::CheckConfig { config } => match launcher::check_config(&config) {
@@ -101,7 +108,17 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Cmd::Run { config } => {
+        Cmd::Run {
+            upgrade_state_fd: Some(fd),
+            ..
+        } => {
+            init_logging("launcher");
+            match launcher::resume(fd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Run { config, .. } => {
             init_logging("launcher");
             let accounts = launcher::accounts_for_current_user();
             let config = match launcher::config::Config::load(&config, accounts) {

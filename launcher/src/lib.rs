@@ -133,12 +133,96 @@ pub fn prepare(config: Config, accounts: Accounts) -> Result<Prepared, LaunchErr
         control,
         tls,
         proxy_settings,
+        exe_path: std::env::current_exe().unwrap_or_else(|_| "/usr/bin/overwatch".into()),
+        resume: None,
     })
 }
 
 /// `overwatch run`: prepare, drop privileges, supervise until SIGTERM/SIGINT.
 pub fn run(config: Config, accounts: Accounts) -> Result<(), LaunchError> {
-    let prepared = prepare(config, accounts)?;
+    supervise(prepare(config, accounts)?)
+}
+
+/// `overwatch run --upgrade-state-fd N`: carry on from the launcher that re-executed us.
+pub fn resume(state_fd: i32) -> Result<(), LaunchError> {
+    use protocol::fdpass::{adopt_inherited, adopt_inherited_socket};
+    let inherited = |what: &'static str, fd: i32, socket: bool| {
+        let adopt = if socket {
+            adopt_inherited_socket(fd)
+        } else {
+            adopt_inherited(fd, false)
+        };
+        adopt.map_err(|source| LaunchError::Read {
+            what,
+            path: format!("inherited descriptor {fd}"),
+            source,
+        })
+    };
+    let memfd = inherited("upgrade state", state_fd, false)?;
+    let bytes = upgrade::read_state(memfd).map_err(|source| LaunchError::Read {
+        what: "upgrade state",
+        path: format!("descriptor {state_fd}"),
+        source,
+    })?;
+    let state: protocol::UpgradeState =
+        protocol::frame::decode_exact(&bytes).map_err(|e| LaunchError::Read {
+            what: "upgrade state",
+            path: format!("descriptor {state_fd}"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    // Take every descriptor first, so none leaks whatever happens next.
+    let mut listeners = Vec::new();
+    for (spec, fd) in &state.listeners {
+        listeners.push((spec.clone(), inherited("listener", *fd, true)?));
+    }
+    let control = inherited("control socket", state.control_fd, true)?;
+    let old_proxy = match state.old_proxy {
+        Some((pid, fd)) => Some((
+            nix::unistd::Pid::from_raw(pid),
+            inherited("old proxy channel", fd, true)?,
+        )),
+        None => None,
+    };
+    let accounts = if state.switch_users {
+        Accounts::Switch
+    } else {
+        Accounts::Inherit
+    };
+    let config = Config::load(Path::new(&state.config_path), accounts)?;
+    let tls = if config.https.is_empty() {
+        None
+    } else {
+        Some(TlsMaterial {
+            cert_chain_pem: read("certificate", &config.cert)?,
+            key_pem: read("private key", &config.key)?,
+        })
+    };
+    let proxy_settings = config
+        .proxy_settings()
+        .map_err(|source| LaunchError::Read {
+            what: "CA bundle",
+            path: format!("{:?}", config.https_ca),
+            source,
+        })?;
+    tracing::info!(upgrades = state.upgrades, build = %protocol::build_id(), "resumed after upgrade");
+    supervise(Prepared {
+        config,
+        switch_users: state.switch_users,
+        listeners,
+        control,
+        tls,
+        proxy_settings,
+        exe_path: state.exe_path.into(),
+        resume: Some(supervisor::Resume {
+            old_proxy,
+            fleet_state: state.fleet_state,
+            started_unix_ms: state.started_unix_ms,
+            upgrades: state.upgrades,
+        }),
+    })
+}
+
+fn supervise(prepared: Prepared) -> Result<(), LaunchError> {
     roles::become_subreaper()?;
     if nix::unistd::geteuid().is_root() {
         roles::drop_launcher_capabilities()?;

@@ -25,3 +25,7 @@ pub fn stopping() {
 pub fn status(line: &str) {
     send(&[NotifyState::Status(line)]);
 }
+
+pub fn reloading() {
+    send(&[NotifyState::Reloading]);
+}

@@ -1,7 +1,9 @@
 //! The launcher's event loop: start the workers, hand them their sockets, connect them to each
-//! other, respawn whichever dies, reap orphaned instances, and shut everything down in order.
+//! other, respawn whichever dies, reap orphaned instances, reload, re-execute itself for an
+//! upgrade, and shut everything down in order.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,12 +17,13 @@ use protocol::fdpass::{seqpacket_pair, set_inheritable};
 use protocol::{
     Channel, ChannelError, FleetInit, FleetState, FleetToLauncher, LauncherToFleet,
     LauncherToProxy, ListenerSpec, ProxyInit, ProxySettings, ProxyToLauncher, ShutdownKind,
-    TlsMaterial,
+    TlsMaterial, UpgradeState,
 };
 
-use crate::config::Config;
+use crate::config::{Accounts, Config};
 use crate::notify;
 use crate::roles::{worker_command, Role};
+use crate::upgrade;
 
 /// How long a freshly spawned worker has to answer the hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,11 +61,25 @@ pub struct Prepared {
     pub control: OwnedFd,
     pub tls: Option<TlsMaterial>,
     pub proxy_settings: ProxySettings,
+    /// The binary `upgrade` without `--binary` executes: the path this one was started from.
+    pub exe_path: PathBuf,
+    /// Set when this launcher was re-executed by an upgrade.
+    pub resume: Option<Resume>,
+}
+
+/// What a re-executed launcher inherits from its predecessor.
+pub struct Resume {
+    /// The previous build's proxy worker and its channel, retired once a new one serves.
+    pub old_proxy: Option<(Pid, OwnedFd)>,
+    pub fleet_state: Option<FleetState>,
+    pub started_unix_ms: u64,
+    pub upgrades: u32,
 }
 
 enum Event {
     Proxy(u64, Option<ProxyToLauncher>),
     Fleet(u64, Option<FleetToLauncher>),
+    OldProxy(Option<ProxyToLauncher>),
 }
 
 struct Worker<Tx, Rx> {
@@ -72,6 +89,13 @@ struct Worker<Tx, Rx> {
     chan: Rc<Channel<Tx, Rx>>,
 }
 
+/// An old proxy worker draining after an upgrade; killed at `deadline` if still there.
+struct Retiring {
+    pid: Pid,
+    chan: Rc<Channel<LauncherToProxy, ProxyToLauncher>>,
+    deadline: Option<Instant>,
+}
+
 #[derive(Default)]
 struct Respawn {
     failures: u32,
@@ -79,8 +103,8 @@ struct Respawn {
 }
 
 impl Respawn {
-    /// Records a death; returns when to respawn.
-    fn after_death(&mut self, lived: Duration) -> Instant {
+    /// Records a death; schedules the respawn.
+    fn after_death(&mut self, lived: Duration) {
         if lived < CRASH_LOOP_WINDOW {
             self.failures += 1;
         } else {
@@ -92,9 +116,7 @@ impl Respawn {
             (Duration::from_millis(250) * 2u32.saturating_pow(self.failures - 2))
                 .min(MAX_RESPAWN_DELAY)
         };
-        let due = Instant::now() + delay;
-        self.due = Some(due);
-        due
+        self.due = Some(Instant::now() + delay);
     }
 }
 
@@ -102,6 +124,7 @@ pub struct Supervisor {
     prepared: Prepared,
     pid: Pid,
     started_unix_ms: u64,
+    upgrades: u32,
     generation: u64,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -113,6 +136,8 @@ pub struct Supervisor {
     fleet_ready: bool,
     announced_ready: bool,
     fleet_state: Option<FleetState>,
+    old_proxy_fd: Option<(Pid, OwnedFd)>,
+    retiring: Option<Retiring>,
     stopping: bool,
 }
 
@@ -122,13 +147,47 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Forwards every message of a worker channel into the event queue, then its end.
+fn forward<Tx, Rx>(
+    chan: Rc<Channel<Tx, Rx>>,
+    tx: mpsc::UnboundedSender<Event>,
+    name: &'static str,
+    wrap: impl Fn(Option<Rx>) -> Event + 'static,
+) where
+    Tx: serde::Serialize + 'static,
+    Rx: serde::de::DeserializeOwned + 'static,
+{
+    tokio::task::spawn_local(async move {
+        loop {
+            match chan.recv().await {
+                Ok(Some(r)) => {
+                    if tx.send(wrap(Some(r.msg))).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("{name} worker channel: {e}");
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(wrap(None));
+    });
+}
+
 impl Supervisor {
-    pub fn new(prepared: Prepared) -> Self {
+    pub fn new(mut prepared: Prepared) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
+        let (old_proxy_fd, fleet_state, started_unix_ms, upgrades) = match prepared.resume.take() {
+            Some(r) => (r.old_proxy, r.fleet_state, r.started_unix_ms, r.upgrades),
+            None => (None, None, unix_ms(SystemTime::now()), 0),
+        };
         Supervisor {
             prepared,
             pid: nix::unistd::getpid(),
-            started_unix_ms: unix_ms(SystemTime::now()),
+            started_unix_ms,
+            upgrades,
             generation: 0,
             events_tx,
             events,
@@ -139,7 +198,9 @@ impl Supervisor {
             proxy_ready: false,
             fleet_ready: false,
             announced_ready: false,
-            fleet_state: None,
+            fleet_state,
+            old_proxy_fd,
+            retiring: None,
             stopping: false,
         }
     }
@@ -188,10 +249,7 @@ impl Supervisor {
         })
     }
 
-    async fn start_proxy(&mut self) -> Result<(), SuperviseError> {
-        let worker = self
-            .spawn::<LauncherToProxy, ProxyToLauncher>(Role::Proxy)
-            .await?;
+    fn proxy_init(&self) -> (ProxyInit, Vec<BorrowedFd<'_>>) {
         let init = ProxyInit {
             listeners: self
                 .prepared
@@ -202,12 +260,20 @@ impl Supervisor {
             tls: self.prepared.tls.clone(),
             settings: self.prepared.proxy_settings.clone(),
         };
-        let fds: Vec<BorrowedFd<'_>> = self
+        let fds = self
             .prepared
             .listeners
             .iter()
             .map(|(_, fd)| fd.as_fd())
             .collect();
+        (init, fds)
+    }
+
+    async fn start_proxy(&mut self) -> Result<(), SuperviseError> {
+        let worker = self
+            .spawn::<LauncherToProxy, ProxyToLauncher>(Role::Proxy)
+            .await?;
+        let (init, fds) = self.proxy_init();
         worker
             .chan
             .send_with_fds(&LauncherToProxy::Start(init), &fds)
@@ -216,26 +282,13 @@ impl Supervisor {
                 role: "proxy",
                 source,
             })?;
-        let (chan, generation, tx) = (
+        let generation = worker.generation;
+        forward(
             worker.chan.clone(),
-            worker.generation,
             self.events_tx.clone(),
+            "proxy",
+            move |m| Event::Proxy(generation, m),
         );
-        tokio::task::spawn_local(async move {
-            loop {
-                match chan.recv().await {
-                    Ok(Some(r)) => {
-                        let _ = tx.send(Event::Proxy(generation, Some(r.msg)));
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!("proxy worker channel: {e}");
-                        break;
-                    }
-                }
-            }
-            let _ = tx.send(Event::Proxy(generation, None));
-        });
         self.proxy = Some(worker);
         self.proxy_ready = false;
         Ok(())
@@ -276,26 +329,13 @@ impl Supervisor {
                 role: "fleet",
                 source,
             })?;
-        let (chan, generation, tx) = (
+        let generation = worker.generation;
+        forward(
             worker.chan.clone(),
-            worker.generation,
             self.events_tx.clone(),
+            "fleet",
+            move |m| Event::Fleet(generation, m),
         );
-        tokio::task::spawn_local(async move {
-            loop {
-                match chan.recv().await {
-                    Ok(Some(r)) => {
-                        let _ = tx.send(Event::Fleet(generation, Some(r.msg)));
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!("fleet worker channel: {e}");
-                        break;
-                    }
-                }
-            }
-            let _ = tx.send(Event::Fleet(generation, None));
-        });
         self.fleet = Some(worker);
         self.fleet_ready = false;
         Ok(())
@@ -329,16 +369,34 @@ impl Supervisor {
         }
     }
 
-    fn on_event(&mut self, event: Event) {
+    async fn answer_fleet(&self, ok: bool, message: String) {
+        if let Some(fleet) = &self.fleet {
+            if let Err(e) = fleet
+                .chan
+                .send(&LauncherToFleet::Answer { ok, message })
+                .await
+            {
+                tracing::warn!("cannot answer the fleet worker: {e}");
+            }
+        }
+    }
+
+    /// Handles one event; returns a binary to re-execute when an upgrade is under way.
+    async fn on_event(
+        &mut self,
+        event: Event,
+        sigchld: &mut tokio::signal::unix::Signal,
+    ) -> Option<OwnedFd> {
         match event {
             Event::Proxy(generation, msg) => {
                 if self.proxy.as_ref().map(|w| w.generation) != Some(generation) {
-                    return;
+                    return None;
                 }
                 match msg {
                     Some(ProxyToLauncher::Ready) => {
                         self.proxy_ready = true;
                         tracing::info!("proxy worker serving");
+                        self.retire_old_proxy().await;
                     }
                     Some(ProxyToLauncher::Drained) => tracing::info!("proxy worker drained"),
                     None => {
@@ -349,9 +407,14 @@ impl Supervisor {
                     }
                 }
             }
+            Event::OldProxy(msg) => {
+                if let Some(ProxyToLauncher::Drained) = msg {
+                    tracing::info!("old proxy worker drained");
+                }
+            }
             Event::Fleet(generation, msg) => {
                 if self.fleet.as_ref().map(|w| w.generation) != Some(generation) {
-                    return;
+                    return None;
                 }
                 match msg {
                     Some(FleetToLauncher::Ready) => {
@@ -361,6 +424,30 @@ impl Supervisor {
                     Some(FleetToLauncher::Status(line)) => notify::status(&line),
                     Some(FleetToLauncher::State(state)) => self.fleet_state = Some(state),
                     Some(FleetToLauncher::Stopped) => tracing::info!("fleet worker stopped"),
+                    Some(FleetToLauncher::Reload) => {
+                        let (ok, message) = match self.reload().await {
+                            Ok(m) => (true, m),
+                            Err(m) => (false, m),
+                        };
+                        self.answer_fleet(ok, message).await;
+                    }
+                    Some(FleetToLauncher::Upgrade { binary, uid }) => {
+                        match self.prepare_upgrade(binary, uid).await {
+                            Ok((fd, build)) => {
+                                self.answer_fleet(
+                                    true,
+                                    format!("preflight passed (build {build}); re-executing"),
+                                )
+                                .await;
+                                self.stop_fleet_for_upgrade(sigchld).await;
+                                return Some(fd);
+                            }
+                            Err(message) => {
+                                tracing::warn!("upgrade refused: {message}");
+                                self.answer_fleet(false, message).await;
+                            }
+                        }
+                    }
                     None => {
                         if let Some(w) = &self.fleet {
                             let _ = kill(w.pid, Signal::SIGKILL);
@@ -375,10 +462,11 @@ impl Supervisor {
             tracing::info!("{line}");
             notify::ready(line);
         }
+        None
     }
 
-    /// Reaps every exited child: a worker (respawned unless stopping) or an orphaned instance
-    /// (the fleet worker is told, so it can replace it).
+    /// Reaps every exited child: a worker (respawned unless stopping), a retired proxy, or an
+    /// orphaned instance (the fleet worker is told, so it can replace it).
     async fn reap(&mut self) {
         loop {
             let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
@@ -418,6 +506,9 @@ impl Supervisor {
                     );
                     self.fleet_respawn.after_death(w.started.elapsed());
                 }
+            } else if self.retiring.as_ref().map(|r| r.pid) == Some(pid) {
+                tracing::info!(pid = pid.as_raw(), "old proxy worker exited");
+                self.retiring = None;
             } else {
                 if let Some(state) = &mut self.fleet_state {
                     state.instances.retain(|i| i.pid != pid.as_raw());
@@ -465,11 +556,261 @@ impl Supervisor {
         }
     }
 
-    fn next_respawn(&self) -> Option<Instant> {
-        [self.proxy_respawn.due, self.fleet_respawn.due]
-            .into_iter()
+    fn next_timer(&self) -> Option<Instant> {
+        [
+            self.proxy_respawn.due,
+            self.fleet_respawn.due,
+            self.retiring.as_ref().and_then(|r| r.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    async fn on_timer(&mut self) {
+        if let Some(r) = &mut self.retiring {
+            if r.deadline.is_some_and(|d| d <= Instant::now()) {
+                tracing::warn!(
+                    pid = r.pid.as_raw(),
+                    "old proxy worker missed its deadline; killing it"
+                );
+                let _ = kill(r.pid, Signal::SIGKILL);
+                r.deadline = None;
+            }
+        }
+        self.respawn_due().await;
+    }
+
+    /// Once a new proxy worker serves, the previous build's one stops accepting and drains.
+    async fn retire_old_proxy(&mut self) {
+        let Some(r) = &mut self.retiring else {
+            return;
+        };
+        if r.deadline.is_some() {
+            return;
+        }
+        tracing::info!(
+            pid = r.pid.as_raw(),
+            "new proxy worker serving; draining the old one"
+        );
+        let _ = r
+            .chan
+            .send(&LauncherToProxy::Shutdown(ShutdownKind::Graceful))
+            .await;
+        r.deadline = Some(
+            Instant::now()
+                + Duration::from_millis(self.prepared.config.health.drain_timeout_ms)
+                + EXIT_GRACE,
+        );
+    }
+
+    /// Re-reads the config and certificates and pushes them to both workers. Nothing changes
+    /// unless everything could be read and bound.
+    async fn reload(&mut self) -> Result<String, String> {
+        let path = self.prepared.config.path.clone();
+        let accounts = if self.prepared.switch_users {
+            Accounts::Switch
+        } else {
+            Accounts::Inherit
+        };
+        let new =
+            Config::load(&path, accounts).map_err(|e| format!("invalid configuration: {e}"))?;
+        let old = &self.prepared.config;
+        for (what, changed) in [
+            (
+                "[overwatch].control_socket",
+                new.control_socket != old.control_socket,
+            ),
+            ("[overwatch].state_dir", new.state_dir != old.state_dir),
+            ("[overwatch].user", new.proxy_user != old.proxy_user),
+            ("[app].user", new.app_user != old.app_user),
+        ] {
+            if changed {
+                return Err(format!(
+                    "changing {what} needs a restart; configuration unchanged"
+                ));
+            }
+        }
+        let tls = if new.https.is_empty() {
+            None
+        } else {
+            let cert = std::fs::read(&new.cert)
+                .map_err(|e| format!("cannot read {}: {e}", new.cert.display()))?;
+            let key = std::fs::read(&new.key)
+                .map_err(|e| format!("cannot read {}: {e}", new.key.display()))?;
+            Some(TlsMaterial {
+                cert_chain_pem: cert,
+                key_pem: key,
+            })
+        };
+        let proxy_settings = new
+            .proxy_settings()
+            .map_err(|e| format!("CA bundle: {e}"))?;
+        // Keep the sockets of listeners that stay; bind the new ones.
+        let mut old_listeners: Vec<Option<(ListenerSpec, OwnedFd)>> =
+            std::mem::take(&mut self.prepared.listeners)
+                .into_iter()
+                .map(Some)
+                .collect();
+        let mut listeners = Vec::new();
+        for spec in new.listeners() {
+            let reuse = old_listeners.iter_mut().find(|slot| {
+                slot.as_ref().is_some_and(|(s, _)| {
+                    s.kind == spec.kind && (s.addr == spec.addr || spec.addr.ends_with(":0"))
+                })
+            });
+            match reuse.and_then(Option::take) {
+                Some(kept) => listeners.push(kept),
+                None => match crate::bind::tcp_listener(spec.addr.parse().expect("validated")) {
+                    Ok((fd, bound)) => listeners.push((
+                        ListenerSpec {
+                            kind: spec.kind,
+                            addr: bound.to_string(),
+                        },
+                        fd,
+                    )),
+                    Err(e) => {
+                        // Put everything back as it was.
+                        let mut restored: Vec<_> = old_listeners.into_iter().flatten().collect();
+                        restored.extend(listeners);
+                        restored.sort_by_key(|(s, _)| {
+                            (s.kind != protocol::ListenerKind::Https, s.addr.clone())
+                        });
+                        self.prepared.listeners = restored;
+                        return Err(format!("{e}; configuration unchanged"));
+                    }
+                },
+            }
+        }
+        let closed: Vec<String> = old_listeners
+            .iter()
             .flatten()
-            .min()
+            .map(|(s, _)| s.addr.clone())
+            .collect();
+        self.prepared.listeners = listeners;
+        self.prepared.tls = tls;
+        self.prepared.proxy_settings = proxy_settings;
+        self.prepared.config = new;
+        if let Some(proxy) = &self.proxy {
+            let (init, fds) = self.proxy_init();
+            if let Err(e) = proxy
+                .chan
+                .send_with_fds(&LauncherToProxy::Reconfigure(init), &fds)
+                .await
+            {
+                tracing::error!("cannot reconfigure the proxy worker: {e}");
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            if let Err(e) = fleet
+                .chan
+                .send(&LauncherToFleet::Reconfigure(self.fleet_init()))
+                .await
+            {
+                tracing::error!("cannot reconfigure the fleet worker: {e}");
+            }
+        }
+        let message = if closed.is_empty() {
+            "reloaded".to_string()
+        } else {
+            format!("reloaded; closed {}", closed.join(", "))
+        };
+        tracing::info!("{message}");
+        Ok(message)
+    }
+
+    /// Checks who asks and what binary, then preflights it. Nothing has changed on error.
+    async fn prepare_upgrade(
+        &mut self,
+        binary: Option<String>,
+        uid: u32,
+    ) -> Result<(OwnedFd, String), String> {
+        if binary.is_some() && uid != 0 {
+            return Err(format!(
+                "upgrade --binary is accepted from uid 0 only (you are uid {uid})"
+            ));
+        }
+        if self.retiring.is_some() {
+            return Err(
+                "an upgrade is still finishing: the previous proxy worker is draining".into(),
+            );
+        }
+        let path = binary
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.prepared.exe_path.clone());
+        let strict = nix::unistd::geteuid().is_root();
+        let config = self.prepared.config.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let fd = upgrade::open_trusted(&path, strict).map_err(|e| e.to_string())?;
+            let build = upgrade::preflight(fd.as_fd(), &config).map_err(|e| e.to_string())?;
+            Ok((fd, build))
+        })
+        .await
+        .map_err(|e| format!("preflight task: {e}"))?
+    }
+
+    /// Asks the fleet worker to step aside, leaving its instances for the next one.
+    async fn stop_fleet_for_upgrade(&mut self, sigchld: &mut tokio::signal::unix::Signal) {
+        if let Some(fleet) = &self.fleet {
+            let _ = fleet
+                .chan
+                .send(&LauncherToFleet::Shutdown(ShutdownKind::Upgrade))
+                .await;
+            self.stopping = true;
+            self.wait_gone(sigchld, Role::Fleet, Duration::from_secs(10))
+                .await;
+            self.stopping = false;
+        }
+    }
+
+    /// Re-executes `binary` with everything inherited. Returns only if the exec failed.
+    fn exec_upgrade(&mut self, binary: OwnedFd) -> String {
+        let proxy = self.proxy.as_ref().map(|w| (w.pid, w.chan.as_fd()));
+        let state = UpgradeState {
+            config_path: self.prepared.config.path.to_string_lossy().into_owned(),
+            listeners: self
+                .prepared
+                .listeners
+                .iter()
+                .map(|(s, fd)| (s.clone(), fd.as_raw_fd()))
+                .collect(),
+            control_fd: self.prepared.control.as_raw_fd(),
+            switch_users: self.prepared.switch_users,
+            old_proxy: proxy.map(|(pid, fd)| (pid.as_raw(), fd.as_raw_fd())),
+            fleet_state: self.fleet_state.clone(),
+            started_unix_ms: self.started_unix_ms,
+            upgrades: self.upgrades + 1,
+            exe_path: self.prepared.exe_path.to_string_lossy().into_owned(),
+        };
+        let bytes = match protocol::frame::encode(&state) {
+            Ok(b) => b,
+            Err(e) => return e.to_string(),
+        };
+        let memfd = match upgrade::state_memfd(&bytes) {
+            Ok(fd) => fd,
+            Err(e) => return e.to_string(),
+        };
+        let mut keep: Vec<BorrowedFd<'_>> = self
+            .prepared
+            .listeners
+            .iter()
+            .map(|(_, fd)| fd.as_fd())
+            .collect();
+        keep.push(self.prepared.control.as_fd());
+        keep.push(memfd.as_fd());
+        if let Some((_, fd)) = proxy {
+            keep.push(fd);
+        }
+        let args = vec![
+            "overwatch".to_string(),
+            "run".into(),
+            "--config".into(),
+            state.config_path.clone(),
+            "--upgrade-state-fd".into(),
+            memfd.as_raw_fd().to_string(),
+        ];
+        tracing::info!(upgrades = state.upgrades, "re-executing");
+        upgrade::exec(binary.as_fd(), &args, &keep).to_string()
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down in order. Must run inside a `LocalSet`.
@@ -479,29 +820,68 @@ impl Supervisor {
         let mut sigint = signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
         let mut sighup = signal(SignalKind::hangup()).map_err(SuperviseError::Signals)?;
 
-        self.start_proxy().await?;
+        if let Some((pid, fd)) = self.old_proxy_fd.take() {
+            match Channel::new(fd) {
+                Ok(chan) => {
+                    let chan = Rc::new(chan);
+                    forward(
+                        chan.clone(),
+                        self.events_tx.clone(),
+                        "old proxy",
+                        Event::OldProxy,
+                    );
+                    self.retiring = Some(Retiring {
+                        pid,
+                        chan,
+                        deadline: None,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!("cannot adopt the old proxy worker's channel: {e}; killing it");
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+            }
+        }
         self.start_fleet().await?;
+        self.start_proxy().await?;
         self.connect_peers().await;
+        // Children that exited while we were exec'ing.
+        self.reap().await;
 
         loop {
-            let respawn_at = self.next_respawn();
-            tokio::select! {
-                Some(event) = self.events.recv() => self.on_event(event),
+            let timer = self.next_timer();
+            let upgrade_to = tokio::select! {
+                Some(event) = self.events.recv() => self.on_event(event, &mut sigchld).await,
                 _ = sigchld.recv() => {
                     self.reap().await;
                     self.respawn_due().await;
+                    None
                 }
                 _ = async {
-                    match respawn_at {
+                    match timer {
                         Some(at) => tokio::time::sleep_until(at.into()).await,
                         None => std::future::pending().await,
                     }
-                } => self.respawn_due().await,
+                } => { self.on_timer().await; None }
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
                 _ = sighup.recv() => {
-                    tracing::warn!("SIGHUP: reload is not implemented yet; configuration unchanged");
+                    notify::reloading();
+                    match self.reload().await {
+                        Ok(m) => tracing::info!("SIGHUP: {m}"),
+                        Err(m) => tracing::error!("SIGHUP: reload refused: {m}"),
+                    }
+                    notify::ready("reloaded");
+                    None
                 }
+            };
+            if let Some(binary) = upgrade_to {
+                let error = self.exec_upgrade(binary);
+                tracing::error!(
+                    "upgrade failed after preflight: {error}; restarting the fleet worker"
+                );
+                self.fleet_respawn.due = Some(Instant::now());
+                self.respawn_due().await;
             }
         }
         self.shutdown(&mut sigchld).await;
@@ -514,6 +894,9 @@ impl Supervisor {
         self.stopping = true;
         notify::stopping();
         let health = self.prepared.config.health.clone();
+        if let Some(r) = &self.retiring {
+            let _ = kill(r.pid, Signal::SIGKILL);
+        }
         if let Some(proxy) = &self.proxy {
             let _ = proxy
                 .chan
@@ -564,26 +947,24 @@ impl Supervisor {
     ) {
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            let gone = match role {
-                Role::Proxy => self.proxy.is_none(),
-                Role::Fleet => self.fleet.is_none(),
+            let pid = match role {
+                Role::Proxy => self.proxy.as_ref().map(|w| w.pid),
+                Role::Fleet => self.fleet.as_ref().map(|w| w.pid),
             };
-            if gone {
+            let Some(pid) = pid else {
                 return;
-            }
+            };
             tokio::select! {
-                Some(event) = self.events.recv() => self.on_event(event),
+                Some(event) = self.events.recv() => {
+                    // Only bookkeeping while waiting: no new operations start.
+                    if let Event::Fleet(_, Some(FleetToLauncher::State(state))) = event {
+                        self.fleet_state = Some(state);
+                    }
+                }
                 _ = sigchld.recv() => self.reap().await,
                 _ = tokio::time::sleep_until(until) => {
-                    let pid = match role {
-                        Role::Proxy => self.proxy.as_ref().map(|w| w.pid),
-                        Role::Fleet => self.fleet.as_ref().map(|w| w.pid),
-                    };
-                    if let Some(pid) = pid {
-                        tracing::warn!("{} worker did not exit in {deadline:?}; killing it", role.name());
-                        let _ = kill(pid, Signal::SIGKILL);
-                    }
-                    // The exit is reaped on the next SIGCHLD.
+                    tracing::warn!("{} worker did not exit in {deadline:?}; killing it", role.name());
+                    let _ = kill(pid, Signal::SIGKILL);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     self.reap().await;
                 }

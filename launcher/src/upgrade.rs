@@ -61,7 +61,10 @@ pub fn open_trusted(path: &Path, strict: bool) -> Result<OwnedFd, UpgradeError> 
         return Err(untrusted("not a regular file".into()));
     }
     if st.st_uid != owner {
-        return Err(untrusted(format!("owned by uid {}, not {owner}", st.st_uid)));
+        return Err(untrusted(format!(
+            "owned by uid {}, not {owner}",
+            st.st_uid
+        )));
     }
     if st.st_mode & 0o022 != 0 {
         return Err(untrusted(format!(
@@ -74,7 +77,8 @@ pub fn open_trusted(path: &Path, strict: bool) -> Result<OwnedFd, UpgradeError> 
     }
     let canonical = std::fs::canonicalize(path).map_err(|e| untrusted(e.to_string()))?;
     for dir in canonical.ancestors().skip(1) {
-        let meta = std::fs::metadata(dir).map_err(|e| untrusted(format!("{}: {e}", dir.display())))?;
+        let meta =
+            std::fs::metadata(dir).map_err(|e| untrusted(format!("{}: {e}", dir.display())))?;
         if meta.uid() != owner {
             return Err(untrusted(format!(
                 "directory {} is owned by uid {}, not {owner}",

@@ -92,9 +92,9 @@ pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Packet> {
 }
 
 /// Takes ownership of a descriptor number inherited across `exec` (for example
-/// `--channel-fd 3`). Checks that it is open and a socket, and marks it close-on-exec so
-/// it goes no further.
-pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+/// `--channel-fd 3`). Checks that it is open and, with `socket`, that it is a socket; marks it
+/// close-on-exec so it goes no further.
+pub fn adopt_inherited(fd: RawFd, socket: bool) -> io::Result<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     use nix::sys::stat::{fstat, SFlag};
     if fd < 3 {
@@ -106,13 +106,18 @@ pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     // valid because no other code in this freshly exec'd process closes descriptors.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let st = fstat(borrowed).map_err(|e| io::Error::other(format!("descriptor {fd}: {e}")))?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+    if socket && SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
         return Err(io::Error::other(format!("descriptor {fd} is not a socket")));
     }
     fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     // SAFETY: the descriptor was passed to this process at exec for it alone to own, is
     // open (fstat succeeded) and is adopted exactly once, at startup.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// [`adopt_inherited`] for a socket.
+pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    adopt_inherited(fd, true)
 }
 
 /// Clears close-on-exec so a child started next inherits `fd` under the same number.

@@ -106,6 +106,9 @@ pub enum LauncherToProxy {
     /// Descriptors: exactly one, this worker's end of a new proxy↔fleet channel.
     FleetChannel,
     Shutdown(ShutdownKind),
+    /// A reload: new settings and certificates. Descriptors: one listening socket per
+    /// `listeners` entry, in order (the full new set; listeners not in it are closed).
+    Reconfigure(ProxyInit),
 }
 
 /// Proxy worker → launcher.
@@ -272,6 +275,14 @@ pub enum LauncherToFleet {
         signal: Option<i32>,
     },
     Shutdown(ShutdownKind),
+    /// The answer to [`FleetToLauncher::Upgrade`] or [`FleetToLauncher::Reload`]: `ok: false`
+    /// means nothing changed; for an accepted upgrade a `Shutdown(Upgrade)` follows.
+    Answer {
+        ok: bool,
+        message: String,
+    },
+    /// A reload changed the app or health settings (counts apply at the next restart-all).
+    Reconfigure(FleetInit),
 }
 
 /// Fleet worker → launcher.
@@ -285,6 +296,28 @@ pub enum FleetToLauncher {
     State(FleetState),
     /// Every instance is stopped (or left for adoption); the worker exits next.
     Stopped,
+    /// `overwatchctl upgrade` from a client with this uid.
+    Upgrade { binary: Option<String>, uid: u32 },
+    /// `overwatchctl reload`.
+    Reload,
+}
+
+/// What a launcher hands to the binary it re-executes: the numbers of the descriptors it
+/// inherits and the state it must carry on. Read back from a memfd with the same codec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeState {
+    pub config_path: String,
+    /// Listener manifest with the inherited descriptor number of each.
+    pub listeners: Vec<(ListenerSpec, i32)>,
+    pub control_fd: i32,
+    pub switch_users: bool,
+    /// The old proxy worker (pid, channel descriptor), retired once the new one is serving.
+    pub old_proxy: Option<(i32, i32)>,
+    pub fleet_state: Option<FleetState>,
+    pub started_unix_ms: u64,
+    pub upgrades: u32,
+    /// The path `upgrade` without `--binary` executes.
+    pub exe_path: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
