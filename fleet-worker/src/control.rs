@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::ctl::CtlStream;
-use protocol::{CtlRequest, CtlResponse, HealthSettings, StatusReport};
+use protocol::{CtlRequest, CtlResponse, FleetToLauncher, HealthSettings, StatusReport};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -21,6 +21,9 @@ use crate::ops::Operation;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `status` waits for the proxy's in-flight and served counters.
 const STATS_TIMEOUT: Duration = Duration::from_millis(200);
+/// An upgrade starts new workers and waits for them to be ready before it answers.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(300);
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often `logs --follow` looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
@@ -147,15 +150,81 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>) {
                 follow,
             } => serve_logs(&mut ctl, &ctx, instance, lines as usize, follow).await,
             CtlRequest::Deploy(_) => done(&mut ctl, false, "deploy is not implemented yet").await,
-            CtlRequest::Upgrade { .. } => {
-                done(&mut ctl, false, "upgrade is not implemented yet").await
+            CtlRequest::Upgrade { binary } => {
+                if binary.is_some() && peer.uid != 0 {
+                    let why = format!(
+                        "permission denied: upgrade --binary is accepted from uid 0 only, not uid {}",
+                        peer.uid
+                    );
+                    tracing::warn!("{why}");
+                    ctl.send(&CtlResponse::Refused(why)).await.is_ok()
+                } else {
+                    let msg = FleetToLauncher::Upgrade {
+                        binary,
+                        uid: peer.uid,
+                    };
+                    ask_launcher(&mut ctl, &ctx, "upgrade", msg, UPGRADE_TIMEOUT).await
+                }
             }
-            CtlRequest::Reload => done(&mut ctl, false, "reload is not implemented yet").await,
+            CtlRequest::Reload => {
+                let msg = FleetToLauncher::Reload;
+                ask_launcher(&mut ctl, &ctx, "reload", msg, RELOAD_TIMEOUT).await
+            }
         };
         if !open {
             return;
         }
     }
+}
+
+/// Runs `upgrade` or `reload` as the one mutating operation: the launcher does the work
+/// and answers.
+async fn ask_launcher(
+    ctl: &mut Ctl,
+    ctx: &Context,
+    name: &str,
+    msg: FleetToLauncher,
+    timeout: Duration,
+) -> bool {
+    let Some(begin) = ctx
+        .fleet
+        .ask(|reply| CtlCmd::BeginOp {
+            name: name.into(),
+            reply,
+        })
+        .await
+    else {
+        return false;
+    };
+    if let Err(busy) = begin {
+        return ctl.send(&CtlResponse::Refused(busy)).await.is_ok();
+    }
+    let _ = ctl
+        .send(&CtlResponse::Progress(format!(
+            "{name}: asking the launcher"
+        )))
+        .await;
+    let answer = tokio::time::timeout(
+        timeout,
+        ctx.fleet.ask(|reply| CtlCmd::AskLauncher { msg, reply }),
+    )
+    .await;
+    let (ok, message) = match answer {
+        Ok(Some(answer)) => answer,
+        Ok(None) => (false, format!("{name}: the launcher did not answer")),
+        Err(_) => (
+            false,
+            format!(
+                "{name}: no answer from the launcher within {} s",
+                timeout.as_secs()
+            ),
+        ),
+    };
+    ctx.fleet.tell(CtlCmd::EndOp {
+        ok,
+        message: message.clone(),
+    });
+    done(ctl, ok, &message).await
 }
 
 async fn done(ctl: &mut Ctl, ok: bool, message: &str) -> bool {

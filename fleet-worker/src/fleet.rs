@@ -122,6 +122,11 @@ pub enum CtlCmd {
         id: InstanceId,
         reply: Reply<()>,
     },
+    /// Sends `msg` (`Upgrade` or `Reload`) to the launcher; the reply is its `Answer`.
+    AskLauncher {
+        msg: FleetToLauncher,
+        reply: Reply<(bool, String)>,
+    },
 }
 
 /// What an operation needs to know about one slot.
@@ -263,6 +268,7 @@ pub struct Fleet {
     last_status_line: String,
     last_state: Option<FleetState>,
     shutting_down: bool,
+    launcher_answer: Option<Reply<(bool, String)>>,
 }
 
 impl Fleet {
@@ -307,6 +313,7 @@ impl Fleet {
             last_status_line: String::new(),
             last_state: None,
             shutting_down: false,
+            launcher_answer: None,
         })
     }
 
@@ -502,8 +509,39 @@ impl Fleet {
                 }
             }
             LauncherToFleet::Shutdown(kind) => return Some(Exit::Shutdown(kind)),
+            LauncherToFleet::Answer { ok, message } => match self.launcher_answer.take() {
+                Some(reply) => {
+                    let _ = reply.send((ok, message));
+                }
+                None => tracing::warn!("unexpected Answer from the launcher: {message}"),
+            },
+            LauncherToFleet::Reconfigure(init) => self.reconfigure(init),
         }
         None
+    }
+
+    /// New app and health settings from a reload. Counts stay until the next restart-all;
+    /// running instances keep their command until they are replaced.
+    fn reconfigure(&mut self, init: FleetInit) {
+        match PortRange::new(init.app.port_min, init.app.port_max) {
+            Some(ports) => self.ports = ports,
+            None => {
+                tracing::warn!(
+                    min = init.app.port_min,
+                    max = init.app.port_max,
+                    "reload: empty port range ignored"
+                );
+                return;
+            }
+        }
+        match Prober::new(&init.health.path) {
+            Ok(prober) => self.prober = prober,
+            Err(e) => tracing::warn!("reload: keeping the old health prober: {e}"),
+        }
+        self.app = init.app;
+        self.health = init.health;
+        self.listeners = init.listeners;
+        tracing::info!("settings reloaded");
     }
 
     fn connect_proxy(&mut self, fd: OwnedFd) {
@@ -1028,6 +1066,18 @@ impl Fleet {
                 }
             }
             CtlCmd::Drain { id, reply } => self.drain(id, reply),
+            CtlCmd::AskLauncher { msg, reply } => {
+                if self
+                    .launcher_answer
+                    .as_ref()
+                    .is_some_and(|r| !r.is_closed())
+                {
+                    let _ = reply.send((false, "busy: waiting for the launcher's answer".into()));
+                } else {
+                    self.launcher_answer = Some(reply);
+                    self.send_launcher(msg);
+                }
+            }
             CtlCmd::Stop { id, reply } => match self.instances.get_mut(&id) {
                 Some(inst) if inst.live() => {
                     inst.stop_waiters.push(reply);

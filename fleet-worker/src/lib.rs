@@ -200,6 +200,8 @@ fn variant(msg: &LauncherToFleet) -> String {
         LauncherToFleet::ProxyChannel => "ProxyChannel",
         LauncherToFleet::Exited { .. } => "Exited",
         LauncherToFleet::Shutdown(_) => "Shutdown",
+        LauncherToFleet::Answer { .. } => "Answer",
+        LauncherToFleet::Reconfigure(_) => "Reconfigure",
     }
     .to_string()
 }

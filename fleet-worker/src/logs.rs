@@ -108,6 +108,7 @@ pub fn tail(file: &mut File, end: u64, n: usize) -> io::Result<Vec<String>> {
 
 /// Reads complete lines appended to a file since the last poll; starts over if the file
 /// shrank (it was truncated or replaced).
+#[derive(Debug)]
 pub struct Follower {
     path: PathBuf,
     pos: u64,
