@@ -20,7 +20,7 @@ fn check(config: &std::path::Path) -> (i32, String, String) {
 
 /// Writes `base` with the line starting with `key =` in `[table]` replaced by `line`.
 fn variant(sb: &Sandbox, table: &str, key: &str, line: &str) -> std::path::PathBuf {
-    let path = sb.config(false, 1, 1, false, "");
+    let path = sb.config(1, 1, false, "");
     let text = std::fs::read_to_string(&path).unwrap();
     let mut out = Vec::new();
     let mut current = String::new();
@@ -62,7 +62,7 @@ fn line_of(path: &std::path::Path, needle: &str) -> usize {
 #[test]
 fn valid_config_prints_a_summary() {
     let sb = Sandbox::new();
-    let (code, stdout, stderr) = check(&sb.config(false, 2, 1, true, ""));
+    let (code, stdout, stderr) = check(&sb.config(2, 1, true, ""));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("valid"), "{stdout}");
     assert!(stdout.contains("2 https, 1 http, root on"), "{stdout}");
@@ -73,14 +73,62 @@ fn each_bad_config_names_key_and_line() {
     let sb = Sandbox::new();
     let cases: &[(&str, &str, &str, &str, &str)] = &[
         // table, key, replacement line, expected key in message, expected words
-        ("health", "bogus", "bogus = 1", "health.bogus", "unknown field"),
-        ("proxy", "http", "http = [\"nowhere:80\"]", "proxy.http", "invalid listen address"),
-        ("health", "interval", "interval = \"soon\"", "health.interval", "invalid duration"),
-        ("app.http", "count", "count = \"two\"", "app.http.count", "invalid type"),
-        ("proxy", "cert", "cert = \"missing.pem\"", "proxy.cert", "cannot read"),
-        ("proxy", "key", "key = \"cert.pem\"", "proxy.key", "no PEM private key"),
-        ("app", "ports", "ports = \"3000-3001\"", "app.ports", "holds 2 ports"),
-        ("app", "ports", "ports = \"banana\"", "app.ports", "invalid port range"),
+        (
+            "health",
+            "bogus",
+            "bogus = 1",
+            "health.bogus",
+            "unknown field",
+        ),
+        (
+            "proxy",
+            "http",
+            "http = [\"nowhere:80\"]",
+            "proxy.http",
+            "invalid listen address",
+        ),
+        (
+            "health",
+            "interval",
+            "interval = \"soon\"",
+            "health.interval",
+            "invalid duration",
+        ),
+        (
+            "app.http",
+            "count",
+            "count = \"two\"",
+            "app.http.count",
+            "invalid type",
+        ),
+        (
+            "proxy",
+            "cert",
+            "cert = \"missing.pem\"",
+            "proxy.cert",
+            "cannot read",
+        ),
+        (
+            "proxy",
+            "key",
+            "key = \"cert.pem\"",
+            "proxy.key",
+            "no PEM private key",
+        ),
+        (
+            "app",
+            "ports",
+            "ports = \"3000-3001\"",
+            "app.ports",
+            "holds 2 ports",
+        ),
+        (
+            "app",
+            "ports",
+            "ports = \"banana\"",
+            "app.ports",
+            "invalid port range",
+        ),
     ];
     for (table, key, line, want_key, words) in cases {
         let path = variant(&sb, table, key, line);
@@ -91,7 +139,10 @@ fn each_bad_config_names_key_and_line() {
             stderr.contains(&format!(":{want_line}: key `{want_key}`")),
             "{line}: expected key {want_key} at line {want_line}, got: {stderr}"
         );
-        assert!(stderr.contains(words), "{line}: expected {words:?}, got: {stderr}");
+        assert!(
+            stderr.contains(words),
+            "{line}: expected {words:?}, got: {stderr}"
+        );
     }
 }
 

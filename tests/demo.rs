@@ -14,7 +14,15 @@ fn demo_serves_both_pools_and_the_root_instance() {
     let https = format!("127.0.0.1:{}", sb.https_port);
     let http = format!("127.0.0.1:{}", sb.http_port);
     let mut launcher = Launcher::start(
-        &["demo", "--https", &https, "--http", &http, "--dir", dir.to_str().unwrap()],
+        &[
+            "demo",
+            "--https",
+            &https,
+            "--http",
+            &http,
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
         &[],
         sb.path().join("demo.log"),
     );
@@ -33,7 +41,11 @@ fn demo_serves_both_pools_and_the_root_instance() {
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let n = v["instances"].as_array()?.iter().filter(|i| i["state"] == "ready").count();
+        let n = v["instances"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["state"] == "ready")
+            .count();
         (n == 5).then_some(v)
     });
     assert_eq!(status["counts"]["https"], 2);
@@ -45,10 +57,20 @@ fn demo_serves_both_pools_and_the_root_instance() {
         .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
         .build()
         .unwrap();
-    let page = client.get(format!("https://{https}/")).send().unwrap().text().unwrap();
+    let page = client
+        .get(format!("https://{https}/"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(page.contains("<b>https</b> instance #"), "{page}");
     assert!(page.contains("pid"), "{page}");
-    let page = client.get(format!("http://{http}/")).send().unwrap().text().unwrap();
+    let page = client
+        .get(format!("http://{http}/"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(page.contains("<b>http</b> instance #"), "{page}");
     let page = client
         .get(format!("http://{http}/"))

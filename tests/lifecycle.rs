@@ -45,8 +45,8 @@ fn instance_pids(sb: &Sandbox) -> Vec<i64> {
 #[test]
 fn killed_workers_are_respawned_without_refusing_a_connection() {
     let sb = Sandbox::new();
-    let users = have_test_users();
-    let config = sb.config(users, 2, 2, false, "");
+    have_test_users();
+    let config = sb.config(2, 2, false, "");
     let launcher = Launcher::run(&sb, &config);
     sb.wait_ready(4, Duration::from_secs(30));
     let before = instance_pids(&sb);
@@ -80,11 +80,20 @@ fn killed_workers_are_respawned_without_refusing_a_connection() {
     let mut total = 0;
     for c in clients {
         let (ok, failed) = c.join().unwrap();
-        assert!(failed.is_empty(), "{} failed requests: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+        assert!(
+            failed.is_empty(),
+            "{} failed requests: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
         total += ok;
     }
     assert!(total > 20, "only {total} requests went through");
-    assert_eq!(instance_pids(&sb), before, "instances were replaced instead of adopted");
+    assert_eq!(
+        instance_pids(&sb),
+        before,
+        "instances were replaced instead of adopted"
+    );
     // Exactly the instances, the two workers and nothing else below the launcher.
     let demo_apps = descendants(launcher.pid)
         .into_iter()
@@ -96,8 +105,8 @@ fn killed_workers_are_respawned_without_refusing_a_connection() {
 #[test]
 fn sigterm_stops_everything_and_exits_zero() {
     let sb = Sandbox::new();
-    let users = have_test_users();
-    let config = sb.config(users, 1, 1, true, "");
+    have_test_users();
+    let config = sb.config(1, 1, true, "");
     let mut launcher = Launcher::run(&sb, &config);
     sb.wait_ready(3, Duration::from_secs(30));
     let everyone = descendants(launcher.pid);
@@ -114,7 +123,7 @@ fn sigterm_stops_everything_and_exits_zero() {
 #[test]
 fn sigint_stops_too() {
     let sb = Sandbox::new();
-    let config = sb.config(false, 1, 0, false, "");
+    let config = sb.config(1, 0, false, "");
     let mut launcher = Launcher::run(&sb, &config);
     sb.wait_ready(1, Duration::from_secs(30));
     let everyone = descendants(launcher.pid);
@@ -128,10 +137,12 @@ fn sigint_stops_too() {
 #[test]
 fn notify_socket_gets_ready_then_stopping() {
     let sb = Sandbox::new();
-    let config = sb.config(false, 1, 1, false, "");
+    let config = sb.config(1, 1, false, "");
     let notify_path = sb.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut launcher = Launcher::start(
         &["run", "--config", config.to_str().unwrap()],
         &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
@@ -141,15 +152,27 @@ fn notify_socket_gets_ready_then_stopping() {
     let mut buf = [0u8; 4096];
     let mut read = |seen: &Arc<std::sync::Mutex<Vec<String>>>| {
         if let Ok(n) = notify.recv(&mut buf) {
-            seen.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
     };
     wait_for("READY=1", Duration::from_secs(30), || {
         read(&seen);
-        seen.lock().unwrap().iter().any(|m| m.lines().any(|l| l == "READY=1")).then_some(())
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.lines().any(|l| l == "READY=1"))
+            .then_some(())
     });
     // READY only once the instances answer.
-    let body = sb.client().get(sb.http_url("/whoami")).send().unwrap().text().unwrap();
+    let body = sb
+        .client()
+        .get(sb.http_url("/whoami"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(body.starts_with("pool=http"));
     assert!(seen.lock().unwrap().iter().any(|m| m.contains("STATUS=")));
     let counter = AtomicU64::new(0);
@@ -157,7 +180,11 @@ fn notify_socket_gets_ready_then_stopping() {
     wait_for("STOPPING=1", Duration::from_secs(20), || {
         counter.fetch_add(1, Ordering::Relaxed);
         read(&seen);
-        seen.lock().unwrap().iter().any(|m| m.lines().any(|l| l == "STOPPING=1")).then_some(())
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.lines().any(|l| l == "STOPPING=1"))
+            .then_some(())
     });
     assert_eq!(launcher.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }

@@ -62,8 +62,14 @@ pub fn is_root() -> bool {
 /// that needs them is skipped with a note; in CI their absence is a failure.
 pub fn have_test_users() -> bool {
     let ok = is_root()
-        && nix::unistd::User::from_name(PROXY_USER).ok().flatten().is_some()
-        && nix::unistd::User::from_name(APP_USER).ok().flatten().is_some();
+        && nix::unistd::User::from_name(PROXY_USER)
+            .ok()
+            .flatten()
+            .is_some()
+        && nix::unistd::User::from_name(APP_USER)
+            .ok()
+            .flatten()
+            .is_some();
     if !ok {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -85,15 +91,21 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("ow-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ow-e2e-")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
             .unwrap();
         let cert_pem = cert.cert.pem();
         std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
         std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-        std::fs::set_permissions(dir.path().join("key.pem"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.path().join("key.pem"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         // The app instances run the demo app as an unprivileged user, who may not be able to
         // reach the build directory: give them a copy (a hard link when possible) in here.
         let app_bin = dir.path().join("overwatch-app");
@@ -101,8 +113,11 @@ impl Sandbox {
             std::fs::copy(OVERWATCH, &app_bin).unwrap();
         }
         std::fs::create_dir(dir.path().join("app")).unwrap();
-        std::fs::set_permissions(dir.path().join("app"), std::fs::Permissions::from_mode(0o777))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.path().join("app"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
         Sandbox {
             dir,
             cert_pem,
@@ -124,9 +139,11 @@ impl Sandbox {
         format!("exec {}/overwatch-app demo-app", self.path().display())
     }
 
-    /// A config running the demo app; `users` adds the unprivileged accounts; `extra` is
-    /// appended (later tables win over nothing: pass only tables not written here).
-    pub fn config(&self, users: bool, https: u32, http: u32, root: bool, extra: &str) -> PathBuf {
+    /// A config running the demo app; as root it names the unprivileged test accounts (a
+    /// root launcher refuses to run workers as root). `extra` is appended: pass only tables
+    /// not written here.
+    pub fn config(&self, https: u32, http: u32, root: bool, extra: &str) -> PathBuf {
+        let users = is_root();
         let accounts = if users {
             format!("user = \"{PROXY_USER}\"\ngroup = \"{CTL_GROUP}\"\n")
         } else {
@@ -287,7 +304,9 @@ impl Launcher {
     /// Waits for the launcher to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("not yet waited");
-        let status = wait_for("the launcher to exit", timeout, || child.try_wait().unwrap());
+        let status = wait_for("the launcher to exit", timeout, || {
+            child.try_wait().unwrap()
+        });
         self.child = None;
         status
     }
