@@ -186,7 +186,17 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                // An empty chunk (from an HTTP/1 instance) is no frame worth sending.
+                Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(|d| d.is_empty()) => {
+                    if this.inner.is_end_stream() {
+                        break Poll::Ready(None);
+                    }
+                }
+                other => break other,
+            }
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -199,16 +199,20 @@ where
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let hard_stop = &shared.proxy.hard_stop;
+    // Biased: once the shutdown signal is out, no response head is written before this
+    // connection knows it must say `Connection: close`.
     let result = tokio::select! {
-        r = conn.as_mut() => r,
+        biased;
+        _ = hard_stop.cancelled() => return,
         _ = shared.graceful.cancelled() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
-                r = conn.as_mut() => r,
+                biased;
                 _ = hard_stop.cancelled() => return,
+                r = conn.as_mut() => r,
             }
         }
-        _ = hard_stop.cancelled() => return,
+        r = conn.as_mut() => r,
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
