@@ -414,11 +414,10 @@ impl Fleet {
     pub fn start_missing(&mut self) {
         for pool in Pool::ALL {
             for index in 0..count(self.counts, pool) {
-                if !self
-                    .instances
-                    .values()
-                    .any(|i| i.in_slot(pool, index) && i.live())
-                {
+                let filled = self.instances.values().any(|i| {
+                    i.in_slot(pool, index) && i.live() && i.state != InstanceState::Stopping
+                });
+                if !filled {
                     self.start_instance(pool, index, false, None);
                 }
             }

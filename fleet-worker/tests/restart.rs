@@ -34,16 +34,33 @@ async fn restart_all_rolls_pools_in_order_and_never_empties_one() {
     let old_ids: HashSet<u64> = first.backends.iter().map(|b| b.id).collect();
 
     let responses = h
-        .request(CtlRequest::RestartAll(RestartArgs { ssl: None, http: Some(3), root: None }))
+        .request(CtlRequest::RestartAll(RestartArgs {
+            ssl: None,
+            http: Some(3),
+            root: None,
+        }))
         .await;
     let lines = progress(&responses);
     assert_eq!(
         responses.last(),
-        Some(&CtlResponse::Done { ok: true, message: "restart-all done: 1 https, 3 http, root on".into() }),
+        Some(&CtlResponse::Done {
+            ok: true,
+            message: "restart-all done: 1 https, 3 http, root on".into()
+        }),
         "{lines:#?}"
     );
-    assert!(lines.iter().any(|l| l.starts_with("https-0: starting the replacement")), "{lines:#?}");
-    assert!(lines.iter().any(|l| l.starts_with("root: starting the replacement")), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("https-0: starting the replacement")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("root: starting the replacement")),
+        "{lines:#?}"
+    );
 
     {
         let rec = h.rec.lock().unwrap();
@@ -57,10 +74,31 @@ async fn restart_all_rolls_pools_in_order_and_never_empties_one() {
             }
         }
         let last = rec.last_routes().unwrap();
-        assert_eq!(last.backends.iter().filter(|b| b.pool == Pool::Https).count(), 1);
-        assert_eq!(last.backends.iter().filter(|b| b.pool == Pool::Http).count(), 3);
-        assert_eq!(last.backends.iter().filter(|b| b.pool == Pool::Root).count(), 1);
-        assert!(last.backends.iter().all(|b| !old_ids.contains(&b.id)), "not every instance was replaced: {last:?}");
+        assert_eq!(
+            last.backends
+                .iter()
+                .filter(|b| b.pool == Pool::Https)
+                .count(),
+            1
+        );
+        assert_eq!(
+            last.backends
+                .iter()
+                .filter(|b| b.pool == Pool::Http)
+                .count(),
+            3
+        );
+        assert_eq!(
+            last.backends
+                .iter()
+                .filter(|b| b.pool == Pool::Root)
+                .count(),
+            1
+        );
+        assert!(
+            last.backends.iter().all(|b| !old_ids.contains(&b.id)),
+            "not every instance was replaced: {last:?}"
+        );
         // Drained in pool order: https, then http, then root.
         let pools: Vec<Pool> = rec
             .drains
@@ -73,18 +111,34 @@ async fn restart_all_rolls_pools_in_order_and_never_empties_one() {
     let report = h.status().await;
     assert_eq!(report.counts.http, 3);
     let last_op = report.last_operation.unwrap();
-    assert_eq!((last_op.name.as_str(), last_op.ok), ("restart-all", Some(true)));
+    assert_eq!(
+        (last_op.name.as_str(), last_op.ok),
+        ("restart-all", Some(true))
+    );
 
     // Scale down: the last ones go without restart, root goes away.
     let mark = h.rec.lock().unwrap().routes.len();
     let responses = h
-        .request(CtlRequest::RestartAll(RestartArgs { ssl: Some(1), http: Some(1), root: Some(false) }))
+        .request(CtlRequest::RestartAll(RestartArgs {
+            ssl: Some(1),
+            http: Some(1),
+            root: Some(false),
+        }))
         .await;
-    assert!(matches!(responses.last(), Some(CtlResponse::Done { ok: true, .. })), "{responses:#?}");
+    assert!(
+        matches!(responses.last(), Some(CtlResponse::Done { ok: true, .. })),
+        "{responses:#?}"
+    );
     let rec = h.rec.lock().unwrap();
-    assert!(rec.routes[mark..].iter().all(|r| r.backends.iter().any(|b| b.pool == Pool::Http)));
+    assert!(rec.routes[mark..]
+        .iter()
+        .all(|r| r.backends.iter().any(|b| b.pool == Pool::Http)));
     let last = rec.last_routes().unwrap();
-    let http: Vec<_> = last.backends.iter().filter(|b| b.pool == Pool::Http).collect();
+    let http: Vec<_> = last
+        .backends
+        .iter()
+        .filter(|b| b.pool == Pool::Http)
+        .collect();
     assert_eq!(http.len(), 1);
     assert_eq!(http[0].index, 0);
     assert!(last.backends.iter().all(|b| b.pool != Pool::Root));
@@ -102,14 +156,26 @@ async fn second_operation_is_refused_while_one_runs_and_the_first_survives_its_c
     cfg.drain_delay = Duration::from_millis(800);
     let mut h = Harness::start(cfg).await;
     h.wait_ready().await;
-    let old: HashSet<u64> = h.rec.lock().unwrap().backends(Pool::Http).iter().map(|b| b.id).collect();
+    let old: HashSet<u64> = h
+        .rec
+        .lock()
+        .unwrap()
+        .backends(Pool::Http)
+        .iter()
+        .map(|b| b.id)
+        .collect();
 
     let mut first = h.ctl().await;
-    first.send(&CtlRequest::RestartAll(RestartArgs::default())).await.unwrap();
+    first
+        .send(&CtlRequest::RestartAll(RestartArgs::default()))
+        .await
+        .unwrap();
     let line = first.recv().await.unwrap().unwrap();
     assert!(matches!(line, CtlResponse::Progress(_)), "{line:?}");
 
-    let second = h.request(CtlRequest::RestartAll(RestartArgs::default())).await;
+    let second = h
+        .request(CtlRequest::RestartAll(RestartArgs::default()))
+        .await;
     match &second[..] {
         [CtlResponse::Refused(why)] => {
             assert!(why.starts_with("busy: restart-all running since "), "{why}");
@@ -118,14 +184,21 @@ async fn second_operation_is_refused_while_one_runs_and_the_first_survives_its_c
         other => panic!("expected a busy refusal, got {other:?}"),
     }
     let report = h.status().await;
-    assert_eq!(report.operation.map(|o| o.name), Some("restart-all".to_string()));
+    assert_eq!(
+        report.operation.map(|o| o.name),
+        Some("restart-all".to_string())
+    );
 
     // The client leaves; the restart goes on to the end.
     drop(first);
-    h.wait_for("every http instance replaced", Duration::from_secs(30), |r| {
-        let now = r.backends(Pool::Http);
-        (now.len() == 2 && now.iter().all(|b| !old.contains(&b.id))).then_some(())
-    })
+    h.wait_for(
+        "every http instance replaced",
+        Duration::from_secs(30),
+        |r| {
+            let now = r.backends(Pool::Http);
+            (now.len() == 2 && now.iter().all(|b| !old.contains(&b.id))).then_some(())
+        },
+    )
     .await;
     let mut done = false;
     for _ in 0..200 {
@@ -151,7 +224,9 @@ async fn replacement_that_never_gets_ready_stops_the_restart() {
     std::fs::write(h.dir.path().join("broken"), "").unwrap();
 
     let mut ctl = h.ctl().await;
-    ctl.send(&CtlRequest::RestartAll(RestartArgs::default())).await.unwrap();
+    ctl.send(&CtlRequest::RestartAll(RestartArgs::default()))
+        .await
+        .unwrap();
     let responses = collect(&mut ctl).await;
     match responses.last() {
         Some(CtlResponse::Done { ok: false, message }) => {
@@ -168,7 +243,10 @@ async fn replacement_that_never_gets_ready_stops_the_restart() {
     // Supervision keeps retrying http-0; once the build is fixed it comes back.
     std::fs::remove_file(h.dir.path().join("broken")).unwrap();
     h.wait_for("http-0 back", Duration::from_secs(20), |r| {
-        r.backends(Pool::Http).iter().any(|b| b.index == 0).then_some(())
+        r.backends(Pool::Http)
+            .iter()
+            .any(|b| b.index == 0)
+            .then_some(())
     })
     .await;
     let report = h.status().await;

@@ -219,7 +219,9 @@ impl Harness {
                 if let FleetToLauncher::Upgrade { .. } | FleetToLauncher::Reload = received.msg {
                     let message = format!("test launcher: {:?} accepted", received.msg);
                     rec.lock().unwrap().asks.push(received.msg);
-                    let _ = launcher.send(&LauncherToFleet::Answer { ok: true, message }).await;
+                    let _ = launcher
+                        .send(&LauncherToFleet::Answer { ok: true, message })
+                        .await;
                     continue;
                 }
                 let mut rec = rec.lock().unwrap();
@@ -378,6 +380,18 @@ impl Harness {
             r.stopped.then_some(())
         })
         .await;
+    }
+}
+
+impl Harness {
+    /// Leaves the instances running when the harness drops (for a successor to adopt).
+    pub fn forget_processes(&self) {
+        self.pgids.lock().unwrap().clear();
+    }
+
+    /// The process groups seen in `State` messages.
+    pub fn known_pgids(&self) -> Vec<i32> {
+        self.pgids.lock().unwrap().iter().copied().collect()
     }
 }
 
