@@ -47,7 +47,18 @@ pub fn tcp_listener(addr: SocketAddr) -> Result<(OwnedFd, SocketAddr), BindError
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(err)?;
     listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN)).map_err(err)?;
     let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(err)?;
-    let bound = local
+    let bound = to_socket_addr(&local).unwrap_or(addr);
+    Ok((fd, bound))
+}
+
+/// The address a listening socket is bound to.
+pub fn local_addr(fd: &OwnedFd) -> Option<SocketAddr> {
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
+    to_socket_addr(&local)
+}
+
+fn to_socket_addr(local: &SockaddrStorage) -> Option<SocketAddr> {
+    local
         .as_sockaddr_in()
         .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
         .or_else(|| {
@@ -55,8 +66,6 @@ pub fn tcp_listener(addr: SocketAddr) -> Result<(OwnedFd, SocketAddr), BindError
                 .as_sockaddr_in6()
                 .map(|a| SocketAddr::from(std::net::SocketAddrV6::from(*a)))
         })
-        .unwrap_or(addr);
-    Ok((fd, bound))
 }
 
 /// Binds the control socket at `path`, mode 0660, owned by `owner` (uid, gid) when given.

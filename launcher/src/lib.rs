@@ -79,10 +79,18 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
 /// Nothing is left behind if it fails: sockets close with the error.
 pub fn prepare(config: Config, accounts: Accounts) -> Result<Prepared, LaunchError> {
     let switch_users = accounts == Accounts::Switch;
+    let mut inherited = notify::take_listen_fds();
     let mut listeners: Vec<(ListenerSpec, OwnedFd)> = Vec::new();
     for spec in config.listeners() {
         let addr = spec.addr.parse().expect("validated by the config");
-        let (fd, bound) = bind::tcp_listener(addr)?;
+        let (fd, bound) = match inherited.remove(&notify::fd_name(&spec)) {
+            Some(fd) => {
+                let bound = bind::local_addr(&fd).unwrap_or(addr);
+                tracing::info!(%bound, "listener taken from systemd (LISTEN_FDS)");
+                (fd, bound)
+            }
+            None => bind::tcp_listener(addr)?,
+        };
         listeners.push((
             ListenerSpec {
                 kind: spec.kind,
@@ -125,7 +133,16 @@ pub fn prepare(config: Config, accounts: Accounts) -> Result<Prepared, LaunchErr
     } else {
         None
     };
-    let control = bind::control_socket(&config.control_socket, owner)?;
+    let control = match inherited.remove(notify::CONTROL_FD_NAME) {
+        Some(fd) if config.control_socket.exists() => fd,
+        _ => bind::control_socket(&config.control_socket, owner)?,
+    };
+    for (name, fd) in inherited {
+        tracing::info!("closing stored descriptor {name}: not in the configuration");
+        notify::forget_fd(&name);
+        drop(fd);
+    }
+    notify::store_fds(&listeners, &control);
     Ok(Prepared {
         config,
         switch_users,

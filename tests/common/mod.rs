@@ -266,8 +266,13 @@ pub struct Launcher {
 
 impl Launcher {
     pub fn start(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Self {
+        Launcher::start_program(OVERWATCH, args, env, log)
+    }
+
+    /// Starts `program` (which must end up exec'ing `overwatch`, keeping its PID).
+    pub fn start_program(program: &str, args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Self {
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(OVERWATCH);
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
