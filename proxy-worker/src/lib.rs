@@ -112,6 +112,24 @@ fn listeners(init: &ProxyInit, fds: Vec<OwnedFd>) -> Result<Vec<server::Listener
         .collect()
 }
 
+/// Checks a `Start` or `Reconfigure`: settings, TLS material and one listener per manifest
+/// entry.
+fn prepare(
+    init: &ProxyInit,
+    fds: Vec<OwnedFd>,
+) -> Result<(proxy::Upstream, Vec<server::Listener>), Error> {
+    if fds.len() != init.listeners.len() {
+        return Err(Error::Launcher(ChannelError::FdCount {
+            what: "listener manifest",
+            expected: init.listeners.len(),
+            got: fds.len(),
+        }));
+    }
+    let settings = config::Settings::from_protocol(&init.settings)?;
+    let upstream = proxy::Upstream::new(settings)?;
+    Ok((upstream, listeners(init, fds)?))
+}
+
 /// Runs the proxy worker until the launcher asks it to stop (or goes away).
 ///
 /// Order: handshake; `Start` with the listening sockets; `FleetChannel`; once the first
@@ -128,14 +146,12 @@ pub async fn run(launcher: Channel<ProxyToLauncher, LauncherToProxy>) -> Result<
             })
         }
     };
-    received.expect_fds("Start", init.listeners.len())?;
-    let settings = config::Settings::from_protocol(&init.settings)?;
-    let drain_timeout = settings.drain_timeout;
-    let mut pending_listeners = Some(listeners(&init, received.fds)?);
+    let (upstream, listeners) = prepare(&init, received.fds)?;
+    let mut pending_listeners = Some(listeners);
 
     let router = Arc::new(routes::Router::default());
     let (events_tx, events_rx) = mpsc::channel(fleet::EVENT_QUEUE);
-    let proxy = Arc::new(proxy::Proxy::new(settings, router.clone(), events_tx)?);
+    let proxy = Arc::new(proxy::Proxy::new(upstream, router.clone(), events_tx));
     let server = server::Server::new(proxy.clone());
     let fleet = fleet::FleetLink::new(router.clone(), events_rx);
     let mut installs = router.installs();
@@ -154,7 +170,17 @@ pub async fn run(launcher: Channel<ProxyToLauncher, LauncherToProxy>) -> Result<
                     }
                     LauncherToProxy::Shutdown(kind) => break (kind, Ok(())),
                     LauncherToProxy::Start(_) => tracing::warn!("ignoring a second Start"),
-                    LauncherToProxy::Reconfigure(_) => tracing::warn!("Reconfigure is not supported yet"),
+                    LauncherToProxy::Reconfigure(init) => match prepare(&init, r.fds) {
+                        Ok((upstream, listeners)) => {
+                            proxy.reconfigure(upstream);
+                            match &mut pending_listeners {
+                                Some(pending) => *pending = listeners,
+                                None => server.start(listeners),
+                            }
+                            tracing::info!(listeners = init.listeners.len(), "reconfigured");
+                        }
+                        Err(e) => tracing::error!(error = %e, "reload refused; the previous configuration stays"),
+                    },
                 },
                 Ok(None) => {
                     tracing::info!("launcher channel closed; draining");
@@ -180,7 +206,7 @@ pub async fn run(launcher: Channel<ProxyToLauncher, LauncherToProxy>) -> Result<
         }
     };
     drop(pending_listeners);
-    server.shutdown(kind, drain_timeout).await;
+    server.shutdown(kind, proxy.drain_timeout()).await;
     fleet.close();
     if let Err(e) = launcher.send(&ProxyToLauncher::Drained).await {
         tracing::debug!(error = %e, "cannot report Drained; the launcher is gone");

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -45,12 +46,48 @@ pub struct ConnInfo {
     pub client: SocketAddr,
 }
 
-/// Everything the request path shares.
-pub struct Proxy {
+/// The part of the request path a reload replaces: settings and upstream clients.
+pub struct Upstream {
     pub settings: Settings,
-    pub router: Arc<Router>,
     http: Client<HttpConnector, UpstreamBody>,
     https: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+}
+
+impl Upstream {
+    pub fn new(settings: Settings) -> Result<Self, TlsError> {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT);
+        let tls_config = tls::instance_client_config(settings.https_ca_pem.as_deref())?;
+        let https_connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(connector());
+        Ok(Upstream {
+            http: builder.build(connector()),
+            https: builder.build(https_connector),
+            settings,
+        })
+    }
+}
+
+impl ConnInfo {
+    fn proto(&self) -> &'static str {
+        match self.kind {
+            ListenerKind::Https => "https",
+            ListenerKind::Http => "http",
+        }
+    }
+}
+
+/// Everything the request path shares.
+pub struct Proxy {
+    /// Swapped whole by a reload; each request loads it once.
+    upstream: ArcSwap<Upstream>,
+    pub router: Arc<Router>,
     events: mpsc::Sender<ProxyToFleet>,
     /// Client connections and the upgrade tunnels they start.
     pub tasks: TaskTracker,
@@ -109,30 +146,26 @@ fn local(status: StatusCode, message: &str, mut log: AccessLog) -> Response<Trac
 
 impl Proxy {
     pub fn new(
-        settings: Settings,
+        upstream: Upstream,
         router: Arc<Router>,
         events: mpsc::Sender<ProxyToFleet>,
-    ) -> Result<Self, TlsError> {
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT);
-        let tls_config = tls::instance_client_config(settings.https_ca_pem.as_deref())?;
-        let https_connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(connector());
-        Ok(Proxy {
-            http: builder.build(connector()),
-            https: builder.build(https_connector),
-            settings,
+    ) -> Self {
+        Proxy {
+            upstream: ArcSwap::from_pointee(upstream),
             router,
             events,
             tasks: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
-        })
+        }
+    }
+
+    /// New settings for requests from now on; requests already running keep theirs.
+    pub fn reconfigure(&self, upstream: Upstream) {
+        self.upstream.store(Arc::new(upstream));
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        self.upstream.load().settings.drain_timeout
     }
 
     fn report(&self, msg: ProxyToFleet) {
@@ -143,6 +176,8 @@ impl Proxy {
 
     /// Answers one client request.
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Tracked> {
+        let upstream = self.upstream.load_full();
+        let settings = &upstream.settings;
         let client = conn.client.ip().to_canonical();
         let host_full = req
             .uri()
@@ -172,15 +207,11 @@ impl Proxy {
                 log,
             );
         }
-        let proto = match conn.kind {
-            ListenerKind::Https => "https",
-            ListenerKind::Http => "http",
-        };
-        if conn.kind == ListenerKind::Http && self.settings.redirect_http {
+        if conn.kind == ListenerKind::Http && settings.redirect_http {
             return redirect(&req, host_full.as_deref(), log);
         }
-        let pool = if self.settings.is_root_host(&host) {
-            if !self.settings.root_allowed(client) {
+        let pool = if settings.is_root_host(&host) {
+            if !settings.root_allowed(client) {
                 tracing::warn!(%client, host = %host, "root host requested from a client outside root_allow");
                 return local(StatusCode::FORBIDDEN, "forbidden", log);
             }
@@ -191,19 +222,21 @@ impl Proxy {
                 ListenerKind::Http => Pool::Http,
             }
         };
-        self.forward(req, pool, proto, client, host_full, log).await
+        self.forward(&upstream, req, pool, conn, host_full, log)
+            .await
     }
 
     async fn forward(
         &self,
+        upstream: &Upstream,
         mut req: Request<Incoming>,
         pool: Pool,
-        proto: &'static str,
-        client: std::net::IpAddr,
+        conn: &ConnInfo,
         host_full: Option<String>,
         mut log: AccessLog,
     ) -> Response<Tracked> {
         log.pool = Some(pool);
+        let client = conn.client.ip();
         let upgrade = if req.version() == Version::HTTP_11 {
             headers::upgrade_protocol(req.headers())
         } else {
@@ -217,7 +250,7 @@ impl Proxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
         }
-        headers::set_forwarded(&mut headers, client, proto, host_full.as_deref());
+        headers::set_forwarded(&mut headers, client, conn.proto(), host_full.as_deref());
         if let Some(host) = host_full
             .as_deref()
             .and_then(|h| HeaderValue::from_str(h).ok())
@@ -268,9 +301,9 @@ impl Proxy {
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = headers.clone();
             let sent = if pool == Pool::Https {
-                self.https.request(up)
+                upstream.https.request(up)
             } else {
-                self.http.request(up)
+                upstream.http.request(up)
             };
             match tokio::time::timeout(UPSTREAM_RESPONSE_TIMEOUT, sent).await {
                 Err(_) => {

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use protocol::{ListenerKind, ShutdownKind};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +30,9 @@ const MAX_HEADERS: usize = 128;
 /// Client connections served at once; beyond it new connections wait in the kernel's accept
 /// queue. Each costs two descriptors (client and instance side).
 const MAX_CONNECTIONS: usize = 16_384;
+/// A connection accepted just before a shutdown has its first request on the way: it gets
+/// this long to arrive, and is answered with `Connection: close`, instead of a close under it.
+const FRESH_CONNECTION_GRACE: Duration = Duration::from_secs(2);
 /// Pause after an accept error such as EMFILE, so a descriptor shortage is no busy loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -53,6 +57,8 @@ struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     accept: TaskTracker,
+    /// Stops the accept loops of the current listener set (a reload brings a new set).
+    current_set: std::sync::Mutex<CancellationToken>,
 }
 
 impl Server {
@@ -77,15 +83,23 @@ impl Server {
                 permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             }),
             accept: TaskTracker::new(),
+            current_set: std::sync::Mutex::new(CancellationToken::new()),
         }
     }
 
-    /// Starts accepting on every listener.
+    /// Accepts on every listener of `listeners`, and no longer on those of an earlier set.
+    /// Connections already open stay; a socket in both sets loses no queued connection.
     pub fn start(&self, listeners: Vec<Listener>) {
+        let set = self.shared.stop_accept.child_token();
+        let old = std::mem::replace(
+            &mut *self.current_set.lock().unwrap_or_else(|e| e.into_inner()),
+            set.clone(),
+        );
+        old.cancel();
         for listener in listeners {
             tracing::info!(addr = %listener.addr, kind = ?listener.kind, "accepting");
             self.accept
-                .spawn(accept_loop(listener, self.shared.clone()));
+                .spawn(accept_loop(listener, self.shared.clone(), set.clone()));
         }
     }
 
@@ -122,14 +136,13 @@ fn is_per_connection(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted)
 }
 
-async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: CancellationToken) {
     let Listener {
         kind,
         addr,
         socket,
         tls,
     } = listener;
-    let stop = &shared.stop_accept;
     loop {
         let permit = tokio::select! {
             biased;
@@ -191,30 +204,70 @@ where
     let peer = info.client;
     let info = Arc::new(info);
     let proxy = shared.proxy.clone();
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+    let first_request = Arc::new(FirstRequest::default());
+    let service = service_fn({
+        let first_request = first_request.clone();
+        move |req| {
+            first_request.seen();
+            let proxy = proxy.clone();
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+        }
     });
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let hard_stop = &shared.proxy.hard_stop;
     // Biased: once the shutdown signal is out, no response head is written before this
     // connection knows it must say `Connection: close`.
+    tokio::select! {
+        biased;
+        _ = hard_stop.cancelled() => return,
+        _ = shared.graceful.cancelled() => {}
+        r = conn.as_mut() => return log_end(peer, r),
+    }
+    if !first_request.was_seen() {
+        tokio::select! {
+            biased;
+            _ = hard_stop.cancelled() => return,
+            _ = first_request.wait() => {}
+            _ = tokio::time::sleep(FRESH_CONNECTION_GRACE) => {}
+            r = conn.as_mut() => return log_end(peer, r),
+        }
+    }
+    conn.as_mut().graceful_shutdown();
     let result = tokio::select! {
         biased;
         _ = hard_stop.cancelled() => return,
-        _ = shared.graceful.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                biased;
-                _ = hard_stop.cancelled() => return,
-                r = conn.as_mut() => r,
-            }
-        }
         r = conn.as_mut() => r,
     };
+    log_end(peer, result);
+}
+
+fn log_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Whether a connection has started a request yet.
+#[derive(Default)]
+struct FirstRequest {
+    seen: AtomicBool,
+    notify: Notify,
+}
+
+impl FirstRequest {
+    fn seen(&self) {
+        if !self.seen.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    fn was_seen(&self) -> bool {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        self.notify.notified().await;
     }
 }

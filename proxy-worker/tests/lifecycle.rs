@@ -212,3 +212,134 @@ async fn empty_pool_waits_for_an_instance() {
     let body = within("the waiting request", pending).await.unwrap();
     assert_eq!(Echo::parse(&body).name, "http-a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfigure_swaps_settings_and_listeners() {
+    use std::os::fd::AsFd;
+    let a = TestBackend::plain("http-a").await;
+    let root = TestBackend::plain("root-0").await;
+    let h = Harness::start(
+        settings(),
+        vec![a.route(1, Pool::Http, 0), root.route(2, Pool::Root, 0)],
+    )
+    .await;
+    let client = h.client(true);
+    let resp = client
+        .get(h.http_url("root.localhost", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // The http listener stays, the https one goes, a new http one comes.
+    let extra = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = settings();
+    s.root_allow = vec!["10.0.0.0/8".into()];
+    let init = protocol::ProxyInit {
+        listeners: vec![
+            protocol::ListenerSpec {
+                kind: protocol::ListenerKind::Http,
+                addr: h.http_addr.to_string(),
+            },
+            protocol::ListenerSpec {
+                kind: protocol::ListenerKind::Http,
+                addr: extra.local_addr().unwrap().to_string(),
+            },
+        ],
+        tls: None,
+        settings: s,
+    };
+    h.launcher
+        .send_with_fds(
+            &LauncherToProxy::Reconfigure(init),
+            &[h.listeners[0].as_fd(), extra.as_fd()],
+        )
+        .await
+        .unwrap();
+    // Reconfigure has no answer: poll until the new settings show.
+    let url = h.http_url("root.localhost", "/");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let fresh = h.client(true);
+        if fresh.get(&url).send().await.unwrap().status() == 403 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "settings never changed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let extra_url = format!("http://localhost:{}/", extra.local_addr().unwrap().port());
+    let resp = h.client(true).get(extra_url).send().await.unwrap();
+    assert_eq!(Echo::parse(&resp.text().await.unwrap()).name, "http-a");
+    let resp = h
+        .client(true)
+        .get(h.http_url("localhost", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_connection_at_shutdown_still_gets_its_first_answer() {
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let a = TestBackend::plain("http-a").await;
+    let https0 = TestBackend::tls("https-0", None).await;
+    let mut h = Harness::start(
+        settings(),
+        vec![a.route(1, Pool::Http, 0), https0.route(2, Pool::Https, 0)],
+    )
+    .await;
+
+    // A finished TLS handshake proves the proxy accepted this connection; no request yet.
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls_pemfile::certs(&mut h.cert_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    roots.add(der).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(h.https_addr).await.unwrap();
+    let mut fresh = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+
+    let mut idle = tokio::net::TcpStream::connect(h.http_addr).await.unwrap();
+    raw_request(&mut idle, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    h.launcher
+        .send(&LauncherToProxy::Shutdown(ShutdownKind::Graceful))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = within("the idle connection to close", idle.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    within(
+        "the fresh connection's answer",
+        fresh.read_to_end(&mut response),
+    )
+    .await
+    .ok();
+    let response = String::from_utf8_lossy(&response).to_lowercase();
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    assert!(response.contains("connection: close"), "{response}");
+    assert!(response.contains("https-0"), "{response}");
+    h.wait_stopped().await.unwrap();
+}

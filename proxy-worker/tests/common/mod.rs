@@ -302,7 +302,7 @@ pub struct Harness {
     pub cert_pem: String,
     pub proxy: Option<JoinHandle<Result<(), proxy_worker::Error>>>,
     /// The launcher's own copies of the listening sockets.
-    _listeners: Vec<std::net::TcpListener>,
+    pub listeners: Vec<std::net::TcpListener>,
     /// Every message the fleet side received that a test did not wait for yet.
     pub fleet_seen: Mutex<Vec<ProxyToFleet>>,
 }
@@ -372,7 +372,7 @@ impl Harness {
             https_addr: https.local_addr().unwrap(),
             cert_pem: cert.cert.pem(),
             proxy: Some(proxy),
-            _listeners: vec![http, https],
+            listeners: vec![http, https],
             fleet_seen: Mutex::new(Vec::new()),
         }
     }
