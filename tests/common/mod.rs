@@ -96,8 +96,12 @@ impl Sandbox {
             .tempdir()
             .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec![
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "root.localhost".into(),
+        ])
+        .unwrap();
         let cert_pem = cert.cert.pem();
         std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
         std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
