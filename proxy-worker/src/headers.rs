@@ -56,6 +56,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Joins the separate `Cookie` fields an HTTP/2 client may send into the one field HTTP/1.1
+/// allows (RFC 9113, section 8.2.3).
+pub fn merge_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<u8> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Characters allowed in an RFC 7230 token; anything else in a `Forwarded` value is quoted.
 fn is_token(s: &str) -> bool {
     !s.is_empty()
@@ -144,6 +161,16 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["host", "x-keep"]);
+    }
+
+    #[test]
+    fn cookies_are_joined_into_one_field() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        merge_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut one = map(&[("cookie", "a=1")]);
+        merge_cookies(&mut one);
+        assert_eq!(one["cookie"], "a=1");
     }
 
     #[test]

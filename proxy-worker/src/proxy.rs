@@ -246,6 +246,9 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         headers::strip_hop_by_hop(&mut headers);
+        if parts.version == Version::HTTP_2 {
+            headers::merge_cookies(&mut headers);
+        }
         if let Some(protocol) = &upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());

@@ -236,3 +236,56 @@ async fn https_instances_are_verified_against_the_configured_ca() {
     let (status, _) = get(&client, &h.https_url("localhost", "/")).await;
     assert_eq!(status, 502);
 }
+
+/// An instance that reads a request head and closes the connection without answering.
+async fn slammer() -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let mut buf = Vec::new();
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 1024];
+                match s.read(&mut chunk).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_requests_are_retried_after_a_send_failure() {
+    let (port, slam) = slammer().await;
+    let live = TestBackend::plain("http-1").await;
+    let broken = protocol::Backend {
+        id: 1,
+        pool: Pool::Http,
+        index: 0,
+        port,
+    };
+    let h = Harness::start(settings(), vec![broken, live.route(2, Pool::Http, 1)]).await;
+    let client = h.client(true);
+    // Round robin starts at the broken instance, and comes back to it every other pick.
+    let (status, echo) = get(&client, &h.http_url("localhost", "/")).await;
+    assert_eq!((status, echo.name.as_str()), (200, "http-1"));
+    let resp = client
+        .post(h.http_url("localhost", "/order"))
+        .body("buy")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "a POST that reached an instance is not sent twice"
+    );
+    assert_eq!(live.hits(), 1);
+    slam.abort();
+}
