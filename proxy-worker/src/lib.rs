@@ -135,6 +135,8 @@ fn prepare(
 /// Order: handshake; `Start` with the listening sockets; `FleetChannel`; once the first
 /// routing table arrived, accept and report `Ready`; on `Shutdown` (or a closed launcher
 /// channel) stop accepting, close connections gracefully, report `Drained` and return.
+/// Any time in between: a new `FleetChannel` replaces the old one; `Reconfigure` swaps
+/// settings, certificate and listener set for new requests (a bad one is logged and ignored).
 pub async fn run(launcher: Channel<ProxyToLauncher, LauncherToProxy>) -> Result<(), Error> {
     launcher.handshake().await?;
     let received = launcher.recv().await?.ok_or(Error::ClosedBeforeStart)?;

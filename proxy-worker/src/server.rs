@@ -19,8 +19,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::proxy::{ConnInfo, Proxy};
 
-/// A client gets this long to send a request's headers (slowloris protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client gets this long to send a request's head (slowloris protection). hyper runs this
+/// timer while an idle keep-alive connection waits for its next request too, so it is also
+/// the keep-alive idle limit: nginx's 75 s, above the idle timeouts of load balancers that
+/// may sit in front (ALB: 60 s), so they close first and never send on a closing connection.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
+/// HTTP/2 pings an idle client this often, and drops it after as long without an answer.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// And this long to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP/2 header list accepted; HTTP/1 heads are bounded by hyper's read buffer.
@@ -73,7 +78,9 @@ impl Server {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEADER_LIST_SIZE);
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .keep_alive_interval(H2_KEEP_ALIVE)
+            .keep_alive_timeout(H2_KEEP_ALIVE);
         Server {
             shared: Arc::new(Shared {
                 proxy,
