@@ -36,7 +36,7 @@ pub type Reply<T> = oneshot::Sender<T>;
 
 /// Everything the state machine reacts to.
 pub enum Cmd {
-    Launcher(Received<LauncherToFleet>),
+    Launcher(Box<Received<LauncherToFleet>>),
     /// The launcher channel ended: cleanly (`None`) or with an error.
     LauncherClosed(Option<ChannelError>),
     ProxyUp {
@@ -101,13 +101,6 @@ pub enum CtlCmd {
         pool: Pool,
         index: u32,
         reply: Reply<Result<(InstanceId, u16), String>>,
-    },
-    /// An operation left the slot without a running instance: supervision takes it over
-    /// (backup command, then retries with backoff).
-    Recover {
-        pool: Pool,
-        index: u32,
-        reason: String,
     },
     Supervise {
         id: InstanceId,
@@ -429,7 +422,7 @@ impl Fleet {
     /// Handles one event; `Some` ends the event loop.
     pub fn handle(&mut self, cmd: Cmd) -> Option<Exit> {
         match cmd {
-            Cmd::Launcher(received) => return self.on_launcher(received),
+            Cmd::Launcher(received) => return self.on_launcher(*received),
             Cmd::LauncherClosed(err) => return Some(Exit::LauncherGone(err)),
             Cmd::ProxyUp { epoch, tx } => {
                 if epoch == self.proxy_epoch {
@@ -684,7 +677,7 @@ impl Fleet {
         }
         if index >= count(self.counts, pool) {
             self.instances
-                .retain(|_, i| !(i.in_slot(pool, index) && !i.live()));
+                .retain(|_, i| !i.in_slot(pool, index) || i.live());
             return;
         }
         let has_live = self
@@ -725,7 +718,7 @@ impl Fleet {
             .filter(|i| i.in_slot(pool, index) && !i.live())
             .find_map(|i| i.last_error.clone());
         self.instances
-            .retain(|_, i| !(i.in_slot(pool, index) && !i.live()));
+            .retain(|_, i| !i.in_slot(pool, index) || i.live());
         let id = self.next_id;
         self.next_id += 1;
         let mut inst = Instance::new(id, pool, index);
@@ -829,13 +822,11 @@ impl Fleet {
         if let Some(w) = inst.ready_waiter.take() {
             let _ = w.send(Err(reason.clone()));
         }
-        let after = if inst.supervised {
-            AfterStop::Replace {
-                reason,
-                start_failure: true,
-            }
-        } else {
-            AfterStop::Remove
+        // An operation's start is replaced too, unless the operation keeps the old instance
+        // serving in the slot (see `slot_failed`).
+        let after = AfterStop::Replace {
+            reason,
+            start_failure: true,
         };
         self.begin_stop(id, after);
     }
@@ -915,6 +906,13 @@ impl Fleet {
     ) {
         let (pool, index) = (failed.pool, failed.index);
         if self.shutting_down || index >= count(self.counts, pool) {
+            return;
+        }
+        let occupied = self
+            .instances
+            .values()
+            .any(|i| i.in_slot(pool, index) && i.live() && i.state != InstanceState::Stopping);
+        if occupied {
             return;
         }
         let slot = self.slots.entry((pool, index)).or_default();
@@ -1045,19 +1043,6 @@ impl Fleet {
             }
             CtlCmd::Start { pool, index, reply } => {
                 self.start_instance(pool, index, false, Some(reply));
-            }
-            CtlCmd::Recover {
-                pool,
-                index,
-                reason,
-            } => {
-                let occupied = self.instances.values().any(|i| i.in_slot(pool, index));
-                if !occupied && index < count(self.counts, pool) {
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    let failed = Instance::new(id, pool, index);
-                    self.slot_failed(failed, reason, true, Duration::ZERO);
-                }
             }
             CtlCmd::Supervise { id, on } => {
                 if let Some(inst) = self.instances.get_mut(&id) {

@@ -178,7 +178,7 @@ async fn launcher_reader(
     loop {
         match channel.recv().await {
             Ok(Some(received)) => {
-                if cmd_tx.send(Cmd::Launcher(received)).is_err() {
+                if cmd_tx.send(Cmd::Launcher(Box::new(received))).is_err() {
                     return;
                 }
             }

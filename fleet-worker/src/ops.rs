@@ -171,7 +171,8 @@ impl Operation {
     }
 
     /// Starts the slot's command on a fresh port and waits until it is ready and routed.
-    /// On failure the slot is handed to supervision (backup command, retries).
+    /// On failure the state machine hands the slot to supervision (backup command, retries)
+    /// unless the old instance still serves in it.
     async fn start(&self, pool: Pool, index: u32) -> Result<InstanceId, String> {
         let name = instance_name(pool, index);
         self.say(format!("{name}: starting"));
@@ -194,11 +195,6 @@ impl Operation {
             ),
         };
         self.say(format!("{name}: failed: {reason}"));
-        self.fleet.tell(CtlCmd::Recover {
-            pool,
-            index,
-            reason: reason.clone(),
-        });
         Err(format!("{name} did not become ready: {reason}"))
     }
 }

@@ -205,7 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("logs/t.log");
         let mut child = spawn(&SpawnSpec {
-            command: "trap '' TERM; sleep 30 & wait",
+            command: "trap '' TERM; echo armed; sleep 30 & wait",
             dir: dir.path(),
             env: &[],
             log: &log,
@@ -223,6 +223,11 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
+        let armed = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log).unwrap().contains("armed") {
+            assert!(Instant::now() < armed, "the test command never started");
+            tokio::time::sleep(POLL).await;
+        }
         let start = Instant::now();
         let target = StopTarget {
             pgid: pid,
@@ -239,6 +244,6 @@ mod tests {
             tokio::time::sleep(POLL).await;
         }
         assert!(!group_alive(pid));
-        assert!(std::fs::read_to_string(&log).unwrap().starts_with("test\n"));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "test\narmed\n");
     }
 }

@@ -129,23 +129,29 @@ async fn restart_all_rolls_pools_in_order_and_never_empties_one() {
         matches!(responses.last(), Some(CtlResponse::Done { ok: true, .. })),
         "{responses:#?}"
     );
-    let rec = h.rec.lock().unwrap();
-    assert!(rec.routes[mark..]
-        .iter()
-        .all(|r| r.backends.iter().any(|b| b.pool == Pool::Http)));
-    let last = rec.last_routes().unwrap();
-    let http: Vec<_> = last
-        .backends
-        .iter()
-        .filter(|b| b.pool == Pool::Http)
-        .collect();
-    assert_eq!(http.len(), 1);
-    assert_eq!(http[0].index, 0);
-    assert!(last.backends.iter().all(|b| b.pool != Pool::Root));
-    let counts = rec.states.last().unwrap().counts;
-    assert_eq!((counts.https, counts.http, counts.root), (1, 1, false));
-    assert_eq!(rec.states.last().unwrap().instances.len(), 2);
-    drop(rec);
+    {
+        let rec = h.rec.lock().unwrap();
+        assert!(rec.routes[mark..]
+            .iter()
+            .all(|r| r.backends.iter().any(|b| b.pool == Pool::Http)));
+        let last = rec.last_routes().unwrap();
+        let http: Vec<_> = last
+            .backends
+            .iter()
+            .filter(|b| b.pool == Pool::Http)
+            .collect();
+        assert_eq!(http.len(), 1);
+        assert_eq!(http[0].index, 0);
+        assert!(last.backends.iter().all(|b| b.pool != Pool::Root));
+        let counts = rec.states.last().unwrap().counts;
+        assert_eq!((counts.https, counts.http, counts.root), (1, 1, false));
+    }
+    h.wait_for(
+        "the state without the removed instances",
+        Duration::from_secs(5),
+        |r| (r.states.last().unwrap().instances.len() == 2).then_some(()),
+    )
+    .await;
     h.shutdown(ShutdownKind::Graceful).await;
 }
 

@@ -135,6 +135,8 @@ pub struct Harness {
     pub fleet: Option<JoinHandle<Result<(), fleet_worker::Error>>>,
     pgids: Arc<Mutex<HashSet<i32>>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Backends in the routes once every configured instance is ready.
+    expected_backends: usize,
 }
 
 impl Harness {
@@ -190,6 +192,7 @@ impl Harness {
             launcher_started_unix_ms: 1,
             state,
         };
+        let expected_backends = (cfg.https + cfg.http + u32::from(cfg.root)) as usize;
         let control_path = dir.path().join("control.sock");
         let listener = std::os::unix::net::UnixListener::bind(&control_path).unwrap();
 
@@ -213,6 +216,7 @@ impl Harness {
             fleet: Some(fleet),
             pgids: pgids.clone(),
             tasks: Vec::new(),
+            expected_backends,
         };
         h.tasks.push(tokio::spawn(async move {
             while let Ok(Some(received)) = launcher.recv().await {
@@ -321,9 +325,15 @@ impl Harness {
         }
     }
 
+    /// Waits for `Ready` and for the proxy to have seen every configured instance (the two
+    /// travel on different channels).
     pub async fn wait_ready(&self) {
-        self.wait_for("Ready", Duration::from_secs(20), |r| r.ready.then_some(()))
-            .await;
+        let want = self.expected_backends;
+        self.wait_for("Ready", Duration::from_secs(20), |r| {
+            let routed = r.last_routes().map_or(0, |routes| routes.backends.len());
+            (r.ready && routed == want).then_some(())
+        })
+        .await;
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
