@@ -63,6 +63,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, ProcessError> {
     cmd.arg("-c")
         .arg(spec.command)
         .current_dir(spec.dir)
+        // systemd's notification and socket-activation variables are for Overwatch only.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
