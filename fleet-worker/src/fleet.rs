@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use protocol::channel::Received;
 use protocol::{
-    AppSettings, Backend, BackendStats, Channel, ChannelError, Counts, FleetInit, FleetState,
-    FleetToLauncher, FleetToProxy, HealthSettings, InstanceId, InstanceRecord, InstanceState,
-    InstanceStatus, LauncherToFleet, ListenerSpec, OperationStatus, Pool, ProxyToFleet, Routes,
-    ShutdownKind, StatusReport,
+    AppSettings, Backend, BackendStats, Channel, ChannelError, Counts, DeploySettings, FleetInit,
+    FleetState, FleetToLauncher, FleetToProxy, HealthSettings, InstanceId, InstanceRecord,
+    InstanceState, InstanceStatus, LauncherToFleet, ListenerSpec, LogSettings, OperationStatus,
+    Pool, ProxyToFleet, Routes, ShutdownKind, StatusReport,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -262,6 +262,12 @@ pub struct Fleet {
     last_state: Option<FleetState>,
     shutting_down: bool,
     launcher_answer: Option<Reply<(bool, String)>>,
+    deploy: DeploySettings,
+    log: LogSettings,
+    upgrades: u32,
+    /// The release the instances run (set by deploys).
+    release: Option<String>,
+    last_deploy: Option<OperationStatus>,
 }
 
 impl Fleet {
@@ -307,6 +313,11 @@ impl Fleet {
             last_state: None,
             shutting_down: false,
             launcher_answer: None,
+            deploy: init.deploy,
+            log: init.log,
+            upgrades: init.upgrades,
+            release: None,
+            last_deploy: None,
         })
     }
 
@@ -533,6 +544,8 @@ impl Fleet {
         self.app = init.app;
         self.health = init.health;
         self.listeners = init.listeners;
+        self.deploy = init.deploy;
+        self.log = init.log;
         tracing::info!("settings reloaded");
     }
 
@@ -1134,6 +1147,9 @@ impl Fleet {
                 .collect(),
             operation: self.operation.clone(),
             last_operation: self.last_operation.clone(),
+            upgrades: self.upgrades,
+            release: self.release.clone(),
+            last_deploy: self.last_deploy.clone(),
         }
     }
 

@@ -12,7 +12,8 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use protocol::{
-    AppSettings, HealthSettings, ListenerKind, ListenerSpec, PoolSettings, ProxySettings,
+    AppSettings, DeploySettings, HealthSettings, ListenerKind, ListenerSpec, LogSettings,
+    PoolSettings, ProxySettings,
 };
 
 /// The default path of `overwatch run` and `check-config`.
@@ -149,6 +150,17 @@ struct RawProxy {
     root_host: String,
     #[serde(deserialize_with = "networks")]
     root_allow: Vec<IpNet>,
+    /// More certificates, chosen by SNI.
+    certificates: Vec<RawCertificate>,
+    /// Loopback address for Prometheus metrics.
+    metrics: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 impl Default for RawProxy {
@@ -161,6 +173,8 @@ impl Default for RawProxy {
             redirect_http: false,
             root_host: "root.localhost".into(),
             root_allow: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            certificates: Vec::new(),
+            metrics: None,
         }
     }
 }
@@ -282,10 +296,10 @@ impl Default for RawHealth {
     }
 }
 
-/// `[deploy]`: validated now, used by the deploy operation.
+/// `[deploy]` as written.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
-pub struct DeploySettings {
+pub struct RawDeploy {
     pub build_dir: String,
     pub backup_dir: String,
     pub pull: String,
@@ -296,9 +310,9 @@ pub struct DeploySettings {
     pub keep: u32,
 }
 
-impl Default for DeploySettings {
+impl Default for RawDeploy {
     fn default() -> Self {
-        DeploySettings {
+        RawDeploy {
             build_dir: ".next".into(),
             backup_dir: "backup".into(),
             pull: "git pull --ff-only".into(),
@@ -310,8 +324,6 @@ impl Default for DeploySettings {
         }
     }
 }
-
-type RawDeploy = DeploySettings;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -367,10 +379,13 @@ pub struct Config {
     pub root_host: String,
     pub root_allow: Vec<IpNet>,
     pub https_ca: Option<PathBuf>,
+    /// `[[proxy.certificates]]`: (certificate chain, key) pairs chosen by SNI.
+    pub certificates: Vec<(PathBuf, PathBuf)>,
+    pub metrics: Option<SocketAddr>,
     pub app: AppSettings,
     pub health: HealthSettings,
     pub deploy: DeploySettings,
-    pub log: RawLog,
+    pub log: LogSettings,
 }
 
 /// How strictly accounts are checked.
@@ -446,6 +461,38 @@ impl Config {
                 check_pem(&p, PemKind::Certificates)
                     .map_err(|m| locate.at(ca, "app.https.ca", m))?;
                 Some(p)
+            }
+            None => None,
+        };
+
+        let mut certificates = Vec::new();
+        for (i, c) in raw.proxy.certificates.iter().enumerate() {
+            let (cert, key) = (resolve(c.cert.get_ref()), resolve(c.key.get_ref()));
+            check_pem(&cert, PemKind::Certificates)
+                .map_err(|m| locate.at(&c.cert, &format!("proxy.certificates[{i}].cert"), m))?;
+            check_pem(&key, PemKind::Key)
+                .map_err(|m| locate.at(&c.key, &format!("proxy.certificates[{i}].key"), m))?;
+            certificates.push((cert, key));
+        }
+        let metrics = match &raw.proxy.metrics {
+            Some(text) => {
+                let addr: SocketAddr = text.get_ref().parse().map_err(|_| {
+                    locate.at(
+                        text,
+                        "proxy.metrics",
+                        format!("invalid address {:?} (expected IP:PORT)", text.get_ref()),
+                    )
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(locate.at(
+                        text,
+                        "proxy.metrics",
+                        format!(
+                            "{addr} is not a loopback address; metrics are served on loopback only"
+                        ),
+                    ));
+                }
+                Some(addr)
             }
             None => None,
         };
@@ -526,13 +573,32 @@ impl Config {
             drain_timeout_ms: ms(raw.health.drain_timeout),
             stop_timeout_ms: ms(raw.health.stop_timeout),
         };
+        let state_dir = resolve(&raw.overwatch.state_dir);
+        let deploy = DeploySettings {
+            build_dir: raw.deploy.build_dir.clone(),
+            backup_dir: state_dir
+                .join(&raw.deploy.backup_dir)
+                .to_string_lossy()
+                .into_owned(),
+            pull: raw.deploy.pull.clone(),
+            build: raw.deploy.build.clone(),
+            install: raw.deploy.install.clone(),
+            persistent: raw.deploy.persistent,
+            delete_old: raw.deploy.delete_old,
+            keep: raw.deploy.keep,
+        };
+        let log = LogSettings {
+            json: raw.log.format == LogFormat::Json,
+            max_size: raw.log.max_size,
+            keep: raw.log.keep,
+        };
         Ok(Config {
             path: path.to_owned(),
             proxy_user,
             app_user,
             control_group,
             control_socket: resolve(&raw.overwatch.control_socket),
-            state_dir: resolve(&raw.overwatch.state_dir),
+            state_dir,
             https: raw.proxy.https,
             http: raw.proxy.http,
             cert,
@@ -541,10 +607,12 @@ impl Config {
             root_host: raw.proxy.root_host.to_ascii_lowercase(),
             root_allow: raw.proxy.root_allow,
             https_ca,
+            certificates,
+            metrics,
             app,
             health,
-            deploy: raw.deploy,
-            log: raw.log,
+            deploy,
+            log,
         })
     }
 
@@ -572,6 +640,8 @@ impl Config {
             redirect_http: self.redirect_http,
             https_ca_pem,
             drain_timeout_ms: self.health.drain_timeout_ms,
+            metrics: self.metrics.map(|a| a.to_string()),
+            json_logs: self.log.json,
         })
     }
 

@@ -67,6 +67,26 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
     Config::load(path, accounts_for_current_user()).map(|c| c.summary())
 }
 
+/// The default certificate and the SNI ones, read as root.
+pub fn read_tls(config: &Config) -> Result<(Option<TlsMaterial>, Vec<TlsMaterial>), LaunchError> {
+    if config.https.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let pair = |cert: &Path, key: &Path| -> Result<TlsMaterial, LaunchError> {
+        Ok(TlsMaterial {
+            cert_chain_pem: read("certificate", cert)?,
+            key_pem: read("private key", key)?,
+        })
+    };
+    let default = pair(&config.cert, &config.key)?;
+    let extra = config
+        .certificates
+        .iter()
+        .map(|(c, k)| pair(c, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((Some(default), extra))
+}
+
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
     std::fs::read(path).map_err(|source| LaunchError::Read {
         what,
@@ -99,14 +119,7 @@ pub fn prepare(config: Config, accounts: Accounts) -> Result<Prepared, LaunchErr
             fd,
         ));
     }
-    let tls = if config.https.is_empty() {
-        None
-    } else {
-        Some(TlsMaterial {
-            cert_chain_pem: read("certificate", &config.cert)?,
-            key_pem: read("private key", &config.key)?,
-        })
-    };
+    let (tls, certificates) = read_tls(&config)?;
     let proxy_settings = config
         .proxy_settings()
         .map_err(|source| LaunchError::Read {
@@ -149,6 +162,7 @@ pub fn prepare(config: Config, accounts: Accounts) -> Result<Prepared, LaunchErr
         listeners,
         control,
         tls,
+        certificates,
         proxy_settings,
         exe_path: std::env::current_exe().unwrap_or_else(|_| "/usr/bin/overwatch".into()),
         resume: None,
@@ -206,14 +220,7 @@ pub fn resume(state_fd: i32) -> Result<(), LaunchError> {
         Accounts::Inherit
     };
     let config = Config::load(Path::new(&state.config_path), accounts)?;
-    let tls = if config.https.is_empty() {
-        None
-    } else {
-        Some(TlsMaterial {
-            cert_chain_pem: read("certificate", &config.cert)?,
-            key_pem: read("private key", &config.key)?,
-        })
-    };
+    let (tls, certificates) = read_tls(&config)?;
     let proxy_settings = config
         .proxy_settings()
         .map_err(|source| LaunchError::Read {
@@ -228,6 +235,7 @@ pub fn resume(state_fd: i32) -> Result<(), LaunchError> {
         listeners,
         control,
         tls,
+        certificates,
         proxy_settings,
         exe_path: state.exe_path.into(),
         resume: Some(supervisor::Resume {

@@ -60,6 +60,7 @@ pub struct Prepared {
     pub listeners: Vec<(ListenerSpec, OwnedFd)>,
     pub control: OwnedFd,
     pub tls: Option<TlsMaterial>,
+    pub certificates: Vec<TlsMaterial>,
     pub proxy_settings: ProxySettings,
     /// The binary `upgrade` without `--binary` executes: the path this one was started from.
     pub exe_path: PathBuf,
@@ -258,6 +259,7 @@ impl Supervisor {
                 .map(|(s, _)| s.clone())
                 .collect(),
             tls: self.prepared.tls.clone(),
+            certificates: self.prepared.certificates.clone(),
             settings: self.prepared.proxy_settings.clone(),
         };
         let fds = self
@@ -311,6 +313,9 @@ impl Supervisor {
             launcher_pid: self.pid.as_raw(),
             launcher_started_unix_ms: self.started_unix_ms,
             state: self.fleet_state.clone(),
+            deploy: c.deploy.clone(),
+            log: c.log.clone(),
+            upgrades: self.upgrades,
         }
     }
 
@@ -631,18 +636,7 @@ impl Supervisor {
                 ));
             }
         }
-        let tls = if new.https.is_empty() {
-            None
-        } else {
-            let cert = std::fs::read(&new.cert)
-                .map_err(|e| format!("cannot read {}: {e}", new.cert.display()))?;
-            let key = std::fs::read(&new.key)
-                .map_err(|e| format!("cannot read {}: {e}", new.key.display()))?;
-            Some(TlsMaterial {
-                cert_chain_pem: cert,
-                key_pem: key,
-            })
-        };
+        let (tls, certificates) = crate::read_tls(&new).map_err(|e| e.to_string())?;
         let proxy_settings = new
             .proxy_settings()
             .map_err(|e| format!("CA bundle: {e}"))?;
@@ -689,6 +683,7 @@ impl Supervisor {
             .collect();
         self.prepared.listeners = listeners;
         self.prepared.tls = tls;
+        self.prepared.certificates = certificates;
         self.prepared.proxy_settings = proxy_settings;
         self.prepared.config = new;
         if let Some(proxy) = &self.proxy {

@@ -85,14 +85,20 @@ pub struct ProxySettings {
     /// Verify HTTPS instances against this CA; `None`: accept their local certificate.
     pub https_ca_pem: Option<Vec<u8>>,
     pub drain_timeout_ms: u64,
+    /// Loopback address for Prometheus text metrics (`[proxy].metrics`); `None`: off.
+    pub metrics: Option<String>,
+    /// Access-log lines as JSON (`[log].format = "json"`).
+    pub json_logs: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxyInit {
     /// Manifest of the listening sockets attached to this message, in order.
     pub listeners: Vec<ListenerSpec>,
-    /// Present when there is at least one https listener.
+    /// Present when there is at least one https listener: the default certificate.
     pub tls: Option<TlsMaterial>,
+    /// More certificates, chosen by SNI among the names each one holds (`[[proxy.certificates]]`).
+    pub certificates: Vec<TlsMaterial>,
     pub settings: ProxySettings,
 }
 
@@ -212,6 +218,32 @@ pub struct HealthSettings {
     pub stop_timeout_ms: u64,
 }
 
+/// `[deploy]`: how the fleet worker pulls, builds and keeps releases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploySettings {
+    /// The build output the instances read (`.next`), relative to the app directory.
+    pub build_dir: String,
+    /// Where backups go, an absolute path (`<state_dir>/<backup_dir>`).
+    pub backup_dir: String,
+    pub pull: String,
+    pub build: String,
+    pub install: String,
+    pub persistent: bool,
+    pub delete_old: bool,
+    /// Releases kept for `rollback`.
+    pub keep: u32,
+}
+
+/// `[log]`: instance log rotation and the log format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogSettings {
+    pub json: bool,
+    /// Bytes an instance log grows to before it is rotated.
+    pub max_size: u64,
+    /// Rotated files kept per instance.
+    pub keep: u32,
+}
+
 /// Instance counts the operator asked for; they persist across restarts of the fleet worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -257,6 +289,10 @@ pub struct FleetInit {
     pub launcher_started_unix_ms: u64,
     /// Instances already running (from a previous fleet worker) to adopt.
     pub state: Option<FleetState>,
+    pub deploy: DeploySettings,
+    pub log: LogSettings,
+    /// How many times the launcher has re-executed itself (shown in status).
+    pub upgrades: u32,
 }
 
 /// Launcher → fleet worker.
@@ -400,6 +436,11 @@ pub struct StatusReport {
     pub instances: Vec<InstanceStatus>,
     pub operation: Option<OperationStatus>,
     pub last_operation: Option<OperationStatus>,
+    /// Times the launcher re-executed itself since it was started.
+    pub upgrades: u32,
+    /// The release the instances run (for example the git commit), when known.
+    pub release: Option<String>,
+    pub last_deploy: Option<OperationStatus>,
 }
 
 /// Fleet worker → `overwatchctl`; a request gets any number of `Progress`/`Log` lines and

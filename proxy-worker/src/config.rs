@@ -79,6 +79,8 @@ mod tests {
             redirect_http: false,
             https_ca_pem: None,
             drain_timeout_ms: 1000,
+            metrics: None,
+            json_logs: false,
         })
         .unwrap()
     }
@@ -102,6 +104,8 @@ mod tests {
             redirect_http: false,
             https_ca_pem: None,
             drain_timeout_ms: 0,
+            metrics: None,
+            json_logs: false,
         })
         .unwrap_err();
         assert!(err.to_string().contains("nope"));

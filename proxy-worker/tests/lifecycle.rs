@@ -247,6 +247,7 @@ async fn reconfigure_swaps_settings_and_listeners() {
             },
         ],
         tls: None,
+        certificates: Vec::new(),
         settings: s,
     };
     h.launcher

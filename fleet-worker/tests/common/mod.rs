@@ -191,6 +191,22 @@ impl Harness {
             launcher_pid: std::process::id() as i32,
             launcher_started_unix_ms: 1,
             state,
+            deploy: protocol::DeploySettings {
+                build_dir: ".next".into(),
+                backup_dir: dir.path().join("state/backup").display().to_string(),
+                pull: "git pull --ff-only".into(),
+                build: "true".into(),
+                install: "true".into(),
+                persistent: false,
+                delete_old: true,
+                keep: 5,
+            },
+            log: protocol::LogSettings {
+                json: false,
+                max_size: 10 << 20,
+                keep: 5,
+            },
+            upgrades: 0,
         };
         let expected_backends = (cfg.https + cfg.http + u32::from(cfg.root)) as usize;
         let control_path = dir.path().join("control.sock");

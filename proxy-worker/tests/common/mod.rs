@@ -41,6 +41,8 @@ pub fn settings() -> ProxySettings {
         redirect_http: false,
         https_ca_pem: None,
         drain_timeout_ms: 10_000,
+        metrics: None,
+        json_logs: false,
     }
 }
 
@@ -332,6 +334,7 @@ impl Harness {
         ])
         .unwrap();
         let init = ProxyInit {
+            certificates: Vec::new(),
             listeners: vec![
                 ListenerSpec {
                     kind: ListenerKind::Http,
