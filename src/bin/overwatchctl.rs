@@ -202,10 +202,58 @@ fn request_for(cmd: Cmd) -> Option<(CtlRequest, bool)> {
     })
 }
 
+/// One `status` request, quietly; `None` if Overwatch cannot be reached or answers otherwise.
+async fn fetch_status(socket: &PathBuf) -> Option<StatusReport> {
+    let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+    let (mut conn, _) = CtlStream::<CtlRequest, CtlResponse>::handshake(stream)
+        .await
+        .ok()?;
+    conn.send(&CtlRequest::Status).await.ok()?;
+    match conn.recv().await {
+        Ok(Some(CtlResponse::Status(report))) => Some(report),
+        _ => None,
+    }
+}
+
+/// How long an accepted upgrade may take to show in `status` (new workers up, instances
+/// adopted and ready).
+const UPGRADE_SETTLE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// After the launcher accepted an upgrade, waits until the new build answers with every
+/// instance ready.
+async fn wait_upgraded(socket: &PathBuf, before: u32) -> Outcome {
+    let deadline = tokio::time::Instant::now() + UPGRADE_SETTLE;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(s) = fetch_status(socket).await {
+            let ready = s
+                .instances
+                .iter()
+                .all(|i| i.state == protocol::InstanceState::Ready);
+            if s.upgrades > before && ready {
+                println!(
+                    "upgraded: launcher pid {} now runs build {} (upgrade #{}), {} instances ready",
+                    s.launcher_pid,
+                    s.build,
+                    s.upgrades,
+                    s.instances.len()
+                );
+                return Outcome::Done;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!("overwatchctl: the upgrade did not complete within {UPGRADE_SETTLE:?}; see `overwatchctl status` and the journal");
+    Outcome::Failed
+}
+
 async fn execute(socket: &PathBuf, cmd: Cmd) -> Outcome {
     let Some((request, json)) = request_for(cmd) else {
         eprintln!("overwatchctl: console cannot be nested");
         return Outcome::Failed;
+    };
+    let upgrades_before = match request {
+        CtlRequest::Upgrade { .. } => fetch_status(socket).await.map(|s| s.upgrades),
+        _ => None,
     };
     let stream = match tokio::net::UnixStream::connect(socket).await {
         Ok(s) => s,
@@ -253,6 +301,9 @@ async fn execute(socket: &PathBuf, cmd: Cmd) -> Outcome {
                 if ok {
                     if !message.is_empty() {
                         println!("{message}");
+                    }
+                    if let Some(before) = upgrades_before {
+                        return wait_upgraded(socket, before).await;
                     }
                     return Outcome::Done;
                 }
