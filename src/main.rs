@@ -29,6 +29,9 @@ enum Cmd {
         /// Internal: set by a launcher re-executing itself for an upgrade.
         #[arg(long, hide = true)]
         upgrade_state_fd: Option<i32>,
+        /// Internal: JSON logs from the start (`[log].format`), set on re-exec.
+        #[arg(long, hide = true)]
+        log_json: bool,
     },
     /// Validate a config file and print a summary; exit 0 valid, 1 invalid.
     CheckConfig {
@@ -58,6 +61,8 @@ enum Cmd {
         channel_fd: i32,
         #[arg(long)]
         launcher_pid: i32,
+        #[arg(long)]
+        log_json: bool,
     },
     /// Internal: the built-in demo app (reads PORT, OVERWATCH_POOL, OVERWATCH_INSTANCE).
     #[command(hide = true)]
@@ -74,15 +79,22 @@ enum WorkerRole {
     Fleet,
 }
 
-fn init_logging(role: &str) {
+/// Logs go to stderr (the journal under systemd), as text or, with `[log].format = "json"`,
+/// one JSON object a line; `RUST_LOG` filters them.
+fn init_logging(role: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(true)
-        .init();
+        .with_target(true);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     tracing::debug!("{role} logging started");
 }
 
@@ -111,21 +123,22 @@ fn main() -> ExitCode {
         },
         Cmd::Run {
             upgrade_state_fd: Some(fd),
+            log_json,
             ..
         } => {
-            init_logging("launcher");
+            init_logging("launcher", log_json);
             match launcher::resume(fd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }
         Cmd::Run { config, .. } => {
-            init_logging("launcher");
             let accounts = launcher::accounts_for_current_user();
             let config = match launcher::config::Config::load(&config, accounts) {
                 Ok(c) => c,
                 Err(e) => return fail(format!("invalid configuration: {e}")),
             };
+            init_logging("launcher", config.log.json);
             if accounts == launcher::config::Accounts::Inherit {
                 tracing::warn!("not started as root: workers run as the current user");
             }
@@ -135,19 +148,20 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo { https, http, dir } => {
-            init_logging("launcher");
+            init_logging("launcher", false);
             run_demo(https, http, dir.unwrap_or_else(launcher::demo::default_dir))
         }
         Cmd::Worker {
             role,
             channel_fd,
             launcher_pid,
+            log_json,
         } => {
             let name = match role {
                 WorkerRole::Proxy => "proxy",
                 WorkerRole::Fleet => "fleet",
             };
-            init_logging(name);
+            init_logging(name, log_json);
             if let Err(e) = launcher::roles::enter_worker(launcher_pid) {
                 return fail(format!("{name} worker: {e}"));
             }

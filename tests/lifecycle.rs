@@ -213,3 +213,38 @@ fn notify_socket_gets_ready_then_stopping() {
     });
     assert_eq!(launcher.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }
+
+#[test]
+fn json_log_format_covers_launcher_and_workers() {
+    let sb = Sandbox::new();
+    let config = sb.config(1, 1, false, "\n[log]\nformat = \"json\"\n");
+    let launcher = Launcher::run(&sb, &config);
+    sb.wait_ready(2, Duration::from_secs(30));
+    sb.client().get(sb.http_url("/whoami")).send().unwrap();
+    let log = launcher.log_text();
+    let mut targets = std::collections::HashSet::new();
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        targets.insert(
+            v["target"]
+                .as_str()
+                .unwrap_or("")
+                .split("::")
+                .next()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for t in ["launcher", "proxy_worker", "fleet_worker"] {
+        assert!(
+            targets.contains(t),
+            "no JSON line from {t}: {targets:?}\n{log}"
+        );
+    }
+    let plain: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with('{') && !l.starts_with("demo app"))
+        .collect();
+    assert!(plain.is_empty(), "non-JSON log lines: {plain:?}");
+}

@@ -141,6 +141,7 @@ pub fn worker_command(
     account: Option<&Account>,
     channel_fd: i32,
     launcher_pid: Pid,
+    json_logs: bool,
 ) -> Command {
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("overwatch")
@@ -150,6 +151,7 @@ pub fn worker_command(
         .arg(channel_fd.to_string())
         .arg("--launcher-pid")
         .arg(launcher_pid.as_raw().to_string())
+        .args(json_logs.then_some("--log-json"))
         .stdin(Stdio::null())
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")

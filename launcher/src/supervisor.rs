@@ -220,9 +220,15 @@ impl Supervisor {
             .prepared
             .switch_users
             .then(|| role.account(&self.prepared.config));
-        let child = worker_command(role, account, theirs.as_raw_fd(), self.pid)
-            .spawn()
-            .map_err(spawn_err)?;
+        let child = worker_command(
+            role,
+            account,
+            theirs.as_raw_fd(),
+            self.pid,
+            self.prepared.config.log.json,
+        )
+        .spawn()
+        .map_err(spawn_err)?;
         drop(theirs);
         let pid = Pid::from_raw(child.id() as i32);
         // Reaped by `reap` through waitpid, never through `child`.
@@ -796,7 +802,7 @@ impl Supervisor {
         if let Some((_, fd)) = proxy {
             keep.push(fd);
         }
-        let args = vec![
+        let mut args = vec![
             "overwatch".to_string(),
             "run".into(),
             "--config".into(),
@@ -804,6 +810,9 @@ impl Supervisor {
             "--upgrade-state-fd".into(),
             memfd.as_raw_fd().to_string(),
         ];
+        if self.prepared.config.log.json {
+            args.push("--log-json".into());
+        }
         tracing::info!(upgrades = state.upgrades, "re-executing");
         upgrade::exec(binary.as_fd(), &args, &keep).to_string()
     }
