@@ -12,6 +12,7 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::routes::InFlight;
+use crate::server::RequestGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -153,6 +154,8 @@ pub struct Tracked {
     in_flight: Option<InFlight>,
     log: Option<AccessLog>,
     bytes: u64,
+    /// Keeps the request counted on its client connection until the body is gone.
+    _conn: Option<RequestGuard>,
 }
 
 impl Tracked {
@@ -166,7 +169,13 @@ impl Tracked {
             in_flight,
             log: Some(log),
             bytes: 0,
+            _conn: None,
         }
+    }
+
+    /// Holds `guard` until this body is dropped (written out, or abandoned).
+    pub fn hold(&mut self, guard: RequestGuard) {
+        self._conn = Some(guard);
     }
 
     fn finish(&mut self, complete: bool) {

@@ -35,7 +35,27 @@ use tokio::sync::mpsc;
 
 pub use config::ConfigError;
 pub use proxy::{NO_BACKEND_WAIT, UPSTREAM_RESPONSE_TIMEOUT};
+pub use server::HEADER_READ_TIMEOUT;
 pub use tls::TlsError;
+
+/// Timeouts the worker is built with. `Default` is what production runs; tests shorten them
+/// instead of waiting minutes.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// A client gets this long to send a request head; also the HTTP/1 keep-alive idle limit.
+    pub header_read_timeout: std::time::Duration,
+    /// An instance gets this long to send response headers before the client gets a 504.
+    pub upstream_response_timeout: std::time::Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            upstream_response_timeout: UPSTREAM_RESPONSE_TIMEOUT,
+        }
+    }
+}
 
 /// Why the proxy worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +158,14 @@ fn prepare(
 /// Any time in between: a new `FleetChannel` replaces the old one; `Reconfigure` swaps
 /// settings, certificate and listener set for new requests (a bad one is logged and ignored).
 pub async fn run(launcher: Channel<ProxyToLauncher, LauncherToProxy>) -> Result<(), Error> {
+    run_tuned(launcher, Tuning::default()).await
+}
+
+/// [`run`] with other timeouts.
+pub async fn run_tuned(
+    launcher: Channel<ProxyToLauncher, LauncherToProxy>,
+    tuning: Tuning,
+) -> Result<(), Error> {
     launcher.handshake().await?;
     let received = launcher.recv().await?.ok_or(Error::ClosedBeforeStart)?;
     let init = match &received.msg {
@@ -153,8 +181,13 @@ pub async fn run(launcher: Channel<ProxyToLauncher, LauncherToProxy>) -> Result<
 
     let router = Arc::new(routes::Router::default());
     let (events_tx, events_rx) = mpsc::channel(fleet::EVENT_QUEUE);
-    let proxy = Arc::new(proxy::Proxy::new(upstream, router.clone(), events_tx));
-    let server = server::Server::new(proxy.clone());
+    let proxy = Arc::new(proxy::Proxy::new(
+        upstream,
+        router.clone(),
+        events_tx,
+        tuning.upstream_response_timeout,
+    ));
+    let server = server::Server::new(proxy.clone(), tuning.header_read_timeout);
     let fleet = fleet::FleetLink::new(router.clone(), events_rx);
     let mut installs = router.installs();
 

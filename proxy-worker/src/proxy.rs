@@ -93,6 +93,7 @@ pub struct Proxy {
     pub tasks: TaskTracker,
     /// Cancelled when the drain deadline passed: whatever is still open is dropped.
     pub hard_stop: CancellationToken,
+    response_timeout: Duration,
 }
 
 fn connector() -> HttpConnector {
@@ -149,8 +150,10 @@ impl Proxy {
         upstream: Upstream,
         router: Arc<Router>,
         events: mpsc::Sender<ProxyToFleet>,
+        response_timeout: Duration,
     ) -> Self {
         Proxy {
+            response_timeout,
             upstream: ArcSwap::from_pointee(upstream),
             router,
             events,
@@ -308,7 +311,7 @@ impl Proxy {
             } else {
                 upstream.http.request(up)
             };
-            match tokio::time::timeout(UPSTREAM_RESPONSE_TIMEOUT, sent).await {
+            match tokio::time::timeout(self.response_timeout, sent).await {
                 Err(_) => {
                     tracing::warn!(%pool, instance = backend.index, "instance sent no response headers in time");
                     return local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout", log);

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use crate::proxy::{ConnInfo, Proxy};
 /// timer while an idle keep-alive connection waits for its next request too, so it is also
 /// the keep-alive idle limit: nginx's 75 s, above the idle timeouts of load balancers that
 /// may sit in front (ALB: 60 s), so they close first and never send on a closing connection.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
 /// HTTP/2 pings an idle client this often, and drops it after as long without an answer.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// And this long to finish the TLS handshake.
@@ -35,9 +35,11 @@ const MAX_HEADERS: usize = 128;
 /// Client connections served at once; beyond it new connections wait in the kernel's accept
 /// queue. Each costs two descriptors (client and instance side).
 const MAX_CONNECTIONS: usize = 16_384;
-/// A connection accepted just before a shutdown has its first request on the way: it gets
-/// this long to arrive, and is answered with `Connection: close`, instead of a close under it.
-const FRESH_CONNECTION_GRACE: Duration = Duration::from_secs(2);
+/// An idle HTTP/1 connection at shutdown (fresh, or keep-alive between requests) may have its
+/// next request on the way: it gets this long to arrive, and is answered with
+/// `Connection: close`, instead of a close under it. Well above a round trip, well below any
+/// drain timeout.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Pause after an accept error such as EMFILE, so a descriptor shortage is no busy loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -67,12 +69,12 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(proxy: Arc<Proxy>) -> Self {
+    pub fn new(proxy: Arc<Proxy>, header_read_timeout: Duration) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(header_read_timeout)
             .max_headers(MAX_HEADERS)
             .keep_alive(true);
         builder
@@ -190,7 +192,7 @@ async fn serve(
     let _ = stream.set_nodelay(true);
     let info = ConnInfo { kind, client: peer };
     let Some(acceptor) = tls else {
-        return serve_http(TokioIo::new(stream), info, &shared).await;
+        return serve_http(TokioIo::new(stream), info, false, &shared).await;
     };
     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let tls_stream = tokio::select! {
@@ -198,47 +200,80 @@ async fn serve(
         _ = shared.proxy.hard_stop.cancelled() => return,
     };
     match tls_stream {
-        Ok(Ok(s)) => serve_http(TokioIo::new(s), info, &shared).await,
+        Ok(Ok(s)) => {
+            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_http(TokioIo::new(s), info, h2, &shared).await
+        }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 
-async fn serve_http<I>(io: I, info: ConnInfo, shared: &Shared)
+async fn serve_http<I>(io: I, info: ConnInfo, h2: bool, shared: &Shared)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = info.client;
     let info = Arc::new(info);
     let proxy = shared.proxy.clone();
-    let first_request = Arc::new(FirstRequest::default());
+    let activity = Arc::new(Activity::default());
+    if h2 {
+        activity.version.store(VERSION_H2, Ordering::Relaxed);
+    }
     let service = service_fn({
-        let first_request = first_request.clone();
-        move |req| {
-            first_request.seen();
+        let activity = activity.clone();
+        let graceful = shared.graceful.clone();
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let guard = Activity::start(&activity, req.version());
             let proxy = proxy.clone();
             let info = info.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+            let graceful = graceful.clone();
+            async move {
+                let http1 = req.version() < http::Version::HTTP_2;
+                let mut resp = proxy.handle(req, &info).await;
+                // Draining: this response is the connection's last, and says so, so the
+                // client does not send another request on a connection about to close.
+                if http1
+                    && graceful.is_cancelled()
+                    && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                resp.body_mut().hold(guard);
+                Ok::<_, Infallible>(resp)
+            }
         }
     });
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let hard_stop = &shared.proxy.hard_stop;
-    // Biased: once the shutdown signal is out, no response head is written before this
-    // connection knows it must say `Connection: close`.
     tokio::select! {
         biased;
         _ = hard_stop.cancelled() => return,
         _ = shared.graceful.cancelled() => {}
         r = conn.as_mut() => return log_end(peer, r),
     }
-    if !first_request.was_seen() {
+    // HTTP/2: GOAWAY at once, the open streams finish. HTTP/1: never close under a request
+    // that may be on the wire. A request in progress gets `Connection: close` on its response
+    // (or, if its head already went out, the next one does); an idle connection gets a grace
+    // period for its next request, which is answered with `Connection: close`; a connection
+    // idle all through the grace is closed.
+    loop {
+        let changed = activity.changed.notified();
+        tokio::pin!(changed);
+        if activity.version.load(Ordering::Acquire) == VERSION_H2 {
+            break;
+        }
+        let busy = activity.active.load(Ordering::Acquire) > 0;
         tokio::select! {
             biased;
             _ = hard_stop.cancelled() => return,
-            _ = first_request.wait() => {}
-            _ = tokio::time::sleep(FRESH_CONNECTION_GRACE) => {}
             r = conn.as_mut() => return log_end(peer, r),
+            _ = changed => continue,
+            _ = tokio::time::sleep(IDLE_CLOSE_GRACE), if !busy => break,
         }
     }
     conn.as_mut().graceful_shutdown();
@@ -256,25 +291,42 @@ fn log_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send
     }
 }
 
-/// Whether a connection has started a request yet.
+const VERSION_UNKNOWN: u8 = 0;
+const VERSION_H1: u8 = 1;
+const VERSION_H2: u8 = 2;
+
+/// What one client connection is doing: requests whose response is not finished yet, and
+/// which HTTP version it speaks. The drain waits on it.
 #[derive(Default)]
-struct FirstRequest {
-    seen: AtomicBool,
-    notify: Notify,
+struct Activity {
+    active: AtomicUsize,
+    version: AtomicU8,
+    /// One waiter (the connection's drain); `notify_one` keeps a permit, so no change is lost.
+    changed: Notify,
 }
 
-impl FirstRequest {
-    fn seen(&self) {
-        if !self.seen.swap(true, Ordering::AcqRel) {
-            self.notify.notify_one();
+impl Activity {
+    fn start(this: &Arc<Self>, version: http::Version) -> RequestGuard {
+        if this.version.load(Ordering::Relaxed) == VERSION_UNKNOWN {
+            let v = if version == http::Version::HTTP_2 {
+                VERSION_H2
+            } else {
+                VERSION_H1
+            };
+            this.version.store(v, Ordering::Release);
         }
+        this.active.fetch_add(1, Ordering::AcqRel);
+        this.changed.notify_one();
+        RequestGuard(this.clone())
     }
+}
 
-    fn was_seen(&self) -> bool {
-        self.seen.load(Ordering::Acquire)
-    }
+/// Counts one request as in progress on its connection until its response body is done.
+pub struct RequestGuard(Arc<Activity>);
 
-    async fn wait(&self) {
-        self.notify.notified().await;
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
     }
 }

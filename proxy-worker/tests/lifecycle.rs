@@ -321,12 +321,6 @@ async fn a_fresh_connection_at_shutdown_still_gets_its_first_answer() {
         .send(&LauncherToProxy::Shutdown(ShutdownKind::Graceful))
         .await
         .unwrap();
-    let mut buf = [0u8; 64];
-    let n = within("the idle connection to close", idle.read(&mut buf))
-        .await
-        .unwrap_or(0);
-    assert_eq!(n, 0);
-
     fresh
         .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
@@ -342,5 +336,80 @@ async fn a_fresh_connection_at_shutdown_still_gets_its_first_answer() {
     assert!(response.starts_with("http/1.1 200"), "{response}");
     assert!(response.contains("connection: close"), "{response}");
     assert!(response.contains("https-0"), "{response}");
+    // The idle connection that sent nothing is closed once its grace is over.
+    let mut buf = [0u8; 64];
+    let n = within("the idle connection to close", idle.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0);
     h.wait_stopped().await.unwrap();
+}
+
+/// Keep-alive clients in a tight loop while the worker hands over to a successor, as in an
+/// upgrade: an idle keep-alive connection is never closed under a request that may already be
+/// on the wire; its next request is answered with `Connection: close` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_fails_no_keep_alive_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let a = TestBackend::plain("http-a").await;
+    let https0 = TestBackend::tls("https-0", None).await;
+    let mut h = Harness::start(
+        settings(),
+        vec![a.route(1, Pool::Http, 0), https0.route(2, Pool::Https, 0)],
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for i in 0..16 {
+        let client = h.client(i % 4 != 3);
+        let url = if i % 2 == 0 {
+            h.http_url("localhost", "/")
+        } else {
+            h.https_url("localhost", "/")
+        };
+        let (stop, ok) = (stop.clone(), ok.clone());
+        clients.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => match r.bytes().await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => errors.push(format!("body: {e:?}")),
+                    },
+                    Ok(r) => errors.push(format!("status {}", r.status())),
+                    Err(e) => errors.push(format!("{e:?}")),
+                }
+            }
+            errors
+        }));
+    }
+    let wait_more = |n: usize| {
+        let ok = ok.clone();
+        async move {
+            let target = ok.load(Ordering::SeqCst) + n;
+            while ok.load(Ordering::SeqCst) < target {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    within("requests before the handover", wait_more(500)).await;
+    let successor = h.successor().await;
+    h.shutdown(ShutdownKind::Upgrade).await.unwrap();
+    within("requests after the handover", wait_more(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut errors = Vec::new();
+    for c in clients {
+        errors.extend(within("a client to stop", c).await.unwrap());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    drop(successor);
 }

@@ -307,6 +307,9 @@ pub struct Harness {
     pub listeners: Vec<std::net::TcpListener>,
     /// Every message the fleet side received that a test did not wait for yet.
     pub fleet_seen: Mutex<Vec<ProxyToFleet>>,
+    /// The default certificate.
+    pub tls: TlsMaterial,
+    pub setup: Setup,
 }
 
 impl Drop for Harness {
@@ -317,67 +320,124 @@ impl Drop for Harness {
     }
 }
 
+/// What a harness starts with besides its two listeners.
+pub struct Setup {
+    pub settings: ProxySettings,
+    pub backends: Vec<Backend>,
+    pub tuning: proxy_worker::Tuning,
+    /// SNI certificates besides the default one.
+    pub certificates: Vec<TlsMaterial>,
+}
+
+impl Setup {
+    pub fn new(settings: ProxySettings, backends: Vec<Backend>) -> Self {
+        Setup {
+            settings,
+            backends,
+            tuning: proxy_worker::Tuning::default(),
+            certificates: Vec::new(),
+        }
+    }
+}
+
+/// A proxy worker started on existing listeners: its launcher and fleet ends and its task.
+pub struct Worker {
+    pub launcher: Launcher,
+    pub fleet: Fleet,
+    pub proxy: JoinHandle<Result<(), proxy_worker::Error>>,
+}
+
+/// Starts a worker on `listeners` (http, https), gives it routes and waits for `Ready`.
+pub async fn start_worker(
+    listeners: &[std::net::TcpListener],
+    tls: &TlsMaterial,
+    setup: &Setup,
+) -> Worker {
+    let (launcher, proxy_end) = Channel::<LauncherToProxy, ProxyToLauncher>::pair().unwrap();
+    let proxy = tokio::spawn(proxy_worker::run_tuned(proxy_end, setup.tuning.clone()));
+    within("launcher handshake", launcher.handshake())
+        .await
+        .unwrap();
+    let init = ProxyInit {
+        certificates: setup.certificates.clone(),
+        listeners: vec![
+            ListenerSpec {
+                kind: ListenerKind::Http,
+                addr: listeners[0].local_addr().unwrap().to_string(),
+            },
+            ListenerSpec {
+                kind: ListenerKind::Https,
+                addr: listeners[1].local_addr().unwrap().to_string(),
+            },
+        ],
+        tls: Some(tls.clone()),
+        settings: setup.settings.clone(),
+    };
+    launcher
+        .send_with_fds(
+            &LauncherToProxy::Start(init),
+            &[listeners[0].as_fd(), listeners[1].as_fd()],
+        )
+        .await
+        .unwrap();
+    let fleet = connect_fleet(&launcher).await;
+    fleet
+        .send(&FleetToProxy::Routes(Routes {
+            generation: 1,
+            backends: setup.backends.clone(),
+        }))
+        .await
+        .unwrap();
+    let ready = within("Ready", launcher.recv()).await.unwrap().unwrap();
+    assert_eq!(ready.msg, ProxyToLauncher::Ready);
+    Worker {
+        launcher,
+        fleet,
+        proxy,
+    }
+}
+
+/// A PEM certificate and key for `names`, self-signed.
+pub fn self_signed(names: &[&str]) -> TlsMaterial {
+    let cert =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    TlsMaterial {
+        cert_chain_pem: cert.cert.pem().into_bytes(),
+        key_pem: cert.key_pair.serialize_pem().into_bytes(),
+    }
+}
+
 impl Harness {
     /// Starts the worker with an http and an https listener and the given routes; returns
     /// once it reported `Ready`.
     pub async fn start(settings: ProxySettings, backends: Vec<Backend>) -> Harness {
+        Self::start_with(Setup::new(settings, backends)).await
+    }
+
+    pub async fn start_with(setup: Setup) -> Harness {
         let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (launcher, proxy_end) = Channel::<LauncherToProxy, ProxyToLauncher>::pair().unwrap();
-        let proxy = tokio::spawn(proxy_worker::run(proxy_end));
-        within("launcher handshake", launcher.handshake())
-            .await
-            .unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec![
-            "localhost".to_string(),
-            "root.localhost".to_string(),
-        ])
-        .unwrap();
-        let init = ProxyInit {
-            certificates: Vec::new(),
-            listeners: vec![
-                ListenerSpec {
-                    kind: ListenerKind::Http,
-                    addr: http.local_addr().unwrap().to_string(),
-                },
-                ListenerSpec {
-                    kind: ListenerKind::Https,
-                    addr: https.local_addr().unwrap().to_string(),
-                },
-            ],
-            tls: Some(TlsMaterial {
-                cert_chain_pem: cert.cert.pem().into_bytes(),
-                key_pem: cert.key_pair.serialize_pem().into_bytes(),
-            }),
-            settings,
-        };
-        launcher
-            .send_with_fds(
-                &LauncherToProxy::Start(init),
-                &[http.as_fd(), https.as_fd()],
-            )
-            .await
-            .unwrap();
-        let fleet = connect_fleet(&launcher).await;
-        fleet
-            .send(&FleetToProxy::Routes(Routes {
-                generation: 1,
-                backends,
-            }))
-            .await
-            .unwrap();
-        let ready = within("Ready", launcher.recv()).await.unwrap().unwrap();
-        assert_eq!(ready.msg, ProxyToLauncher::Ready);
+        let tls = self_signed(&["localhost", "root.localhost"]);
+        let listeners = vec![http, https];
+        let worker = start_worker(&listeners, &tls, &setup).await;
         Harness {
-            launcher,
-            fleet,
-            http_addr: http.local_addr().unwrap(),
-            https_addr: https.local_addr().unwrap(),
-            cert_pem: cert.cert.pem(),
-            proxy: Some(proxy),
-            listeners: vec![http, https],
+            launcher: worker.launcher,
+            fleet: worker.fleet,
+            http_addr: listeners[0].local_addr().unwrap(),
+            https_addr: listeners[1].local_addr().unwrap(),
+            cert_pem: String::from_utf8(tls.cert_chain_pem.clone()).unwrap(),
+            proxy: Some(worker.proxy),
+            listeners,
             fleet_seen: Mutex::new(Vec::new()),
+            tls,
+            setup,
         }
+    }
+
+    /// A second worker on the same listeners, as an upgrade starts one.
+    pub async fn successor(&self) -> Worker {
+        start_worker(&self.listeners, &self.tls, &self.setup).await
     }
 
     pub async fn routes(&self, generation: u64, backends: Vec<Backend>) {
