@@ -192,7 +192,7 @@ async fn serve(
     let _ = stream.set_nodelay(true);
     let info = ConnInfo { kind, client: peer };
     let Some(acceptor) = tls else {
-        return serve_http(TokioIo::new(stream), info, false, &shared).await;
+        return serve_http(TokioIo::new(stream), info, &shared).await;
     };
     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let tls_stream = tokio::select! {
@@ -200,16 +200,13 @@ async fn serve(
         _ = shared.proxy.hard_stop.cancelled() => return,
     };
     match tls_stream {
-        Ok(Ok(s)) => {
-            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_http(TokioIo::new(s), info, h2, &shared).await
-        }
+        Ok(Ok(s)) => serve_http(TokioIo::new(s), info, &shared).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 
-async fn serve_http<I>(io: I, info: ConnInfo, h2: bool, shared: &Shared)
+async fn serve_http<I>(io: I, info: ConnInfo, shared: &Shared)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -217,9 +214,6 @@ where
     let info = Arc::new(info);
     let proxy = shared.proxy.clone();
     let activity = Arc::new(Activity::default());
-    if h2 {
-        activity.version.store(VERSION_H2, Ordering::Relaxed);
-    }
     let service = service_fn({
         let activity = activity.clone();
         let graceful = shared.graceful.clone();
@@ -256,7 +250,9 @@ where
         _ = shared.graceful.cancelled() => {}
         r = conn.as_mut() => return log_end(peer, r),
     }
-    // HTTP/2: GOAWAY at once, the open streams finish. HTTP/1: never close under a request
+    // A connection that has not started a request yet may have its first one on the way (its
+    // protocol is not even known): it gets the grace below, like an idle HTTP/1 connection.
+    // HTTP/2: then GOAWAY, the open streams finish. HTTP/1: never close under a request
     // that may be on the wire. A request in progress gets `Connection: close` on its response
     // (or, if its head already went out, the next one does); an idle connection gets a grace
     // period for its next request, which is answered with `Connection: close`; a connection
