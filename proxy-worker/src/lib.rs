@@ -99,6 +99,7 @@ fn listeners(init: &ProxyInit, fds: Vec<OwnedFd>) -> Result<Vec<server::Listener
         (None, _) => None,
         (Some(_), Some(material)) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
             material,
+            &init.certificates,
         )?)),
         (Some(l), None) => {
             return Err(Error::MissingTls {
