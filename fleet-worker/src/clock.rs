@@ -22,6 +22,22 @@ pub fn format_utc(unix_secs: u64) -> String {
     )
 }
 
+/// `20240501T123456.789Z` for milliseconds since the Unix epoch: a file name that sorts
+/// in time order.
+pub fn stamp_utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -45,5 +61,6 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(format_utc(1_714_566_896), "2024-05-01 12:34:56 UTC");
+        assert_eq!(stamp_utc(1_714_566_896_789), "20240501T123456.789Z");
     }
 }

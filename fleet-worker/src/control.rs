@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::ctl::CtlStream;
-use protocol::{CtlRequest, CtlResponse, FleetToLauncher, HealthSettings, StatusReport};
+use protocol::{
+    CtlRequest, CtlResponse, DeployArgs, FleetToLauncher, HealthSettings, RestartArgs, StatusReport,
+};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::access::{self, Peer, SystemDb};
+use crate::deploy::Deployer;
 use crate::fleet::{CtlCmd, FleetHandle};
 use crate::logs::{self, Follower};
 use crate::ops::Operation;
@@ -115,41 +118,14 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>) {
                 Some(report) => ctl.send(&CtlResponse::Status(report)).await.is_ok(),
                 None => done(&mut ctl, false, "the fleet worker is stopping").await,
             },
-            CtlRequest::RestartAll(args) => {
-                let Some(begin) = ctx
-                    .fleet
-                    .ask(|reply| CtlCmd::BeginOp {
-                        name: "restart-all".into(),
-                        reply,
-                    })
-                    .await
-                else {
-                    return;
-                };
-                match begin {
-                    Err(busy) => ctl.send(&CtlResponse::Refused(busy)).await.is_ok(),
-                    Ok(()) => {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        let fleet = ctx.fleet.clone();
-                        let op = Operation::new(fleet.clone(), ctx.health.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let (ok, message) = op.restart_all(args).await;
-                            fleet.tell(CtlCmd::EndOp {
-                                ok,
-                                message: message.clone(),
-                            });
-                            let _ = tx.send(CtlResponse::Done { ok, message });
-                        });
-                        forward(&mut ctl, rx).await
-                    }
-                }
-            }
+            CtlRequest::RestartAll(args) => operation(&mut ctl, &ctx, Work::Restart(args)).await,
+            CtlRequest::Deploy(args) => operation(&mut ctl, &ctx, Work::Deploy(args)).await,
+            CtlRequest::Rollback => operation(&mut ctl, &ctx, Work::Rollback).await,
             CtlRequest::Logs {
                 instance,
                 lines,
                 follow,
             } => serve_logs(&mut ctl, &ctx, instance, lines as usize, follow).await,
-            CtlRequest::Deploy(_) => done(&mut ctl, false, "deploy is not implemented yet").await,
             CtlRequest::Upgrade { binary } => {
                 if binary.is_some() && peer.uid != 0 {
                     let why = format!(
@@ -175,6 +151,67 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>) {
             return;
         }
     }
+}
+
+/// The operations that run in their own task with progress lines.
+enum Work {
+    Restart(RestartArgs),
+    Deploy(DeployArgs),
+    Rollback,
+}
+
+impl Work {
+    fn name(&self) -> &'static str {
+        match self {
+            Work::Restart(_) => "restart-all",
+            Work::Deploy(_) => "deploy",
+            Work::Rollback => "rollback",
+        }
+    }
+}
+
+/// Runs `work` as the one mutating operation (or answers busy) in its own task, and streams
+/// its progress to the client; the operation goes on if the client leaves. Returns whether
+/// the connection is still open.
+async fn operation(ctl: &mut Ctl, ctx: &Context, work: Work) -> bool {
+    let Some(begin) = ctx
+        .fleet
+        .ask(|reply| CtlCmd::BeginOp {
+            name: work.name().into(),
+            reply,
+        })
+        .await
+    else {
+        return false;
+    };
+    if let Err(busy) = begin {
+        return ctl.send(&CtlResponse::Refused(busy)).await.is_ok();
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let fleet = ctx.fleet.clone();
+    let op = Operation::new(fleet.clone(), ctx.health.clone(), tx.clone());
+    let state_dir = ctx.state_dir.clone();
+    tokio::spawn(async move {
+        let (ok, message) = match work {
+            Work::Restart(args) => op.restart_all(args).await,
+            Work::Deploy(args) => {
+                Deployer::new(fleet.clone(), op, tx.clone(), &state_dir)
+                    .deploy(args)
+                    .await
+            }
+            Work::Rollback => {
+                Deployer::new(fleet.clone(), op, tx.clone(), &state_dir)
+                    .rollback()
+                    .await
+            }
+        };
+        fleet.tell(CtlCmd::EndOp {
+            ok,
+            message: message.clone(),
+        });
+        let _ = tx.send(CtlResponse::Done { ok, message });
+    });
+    forward(ctl, rx).await
 }
 
 /// Runs `upgrade` or `reload` as the one mutating operation: the launcher does the work

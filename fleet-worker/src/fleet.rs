@@ -19,6 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backoff::Backoff;
 use crate::clock::{format_utc, now_unix_ms};
+use crate::deploy::{self, DeployContext};
 use crate::health::Prober;
 use crate::logs::{instance_name, log_path};
 use crate::plan::{count, with_count};
@@ -115,6 +116,16 @@ pub enum CtlCmd {
         id: InstanceId,
         reply: Reply<()>,
     },
+    /// What a deploy needs to know, read at its start.
+    DeployContext(Reply<DeployContext>),
+    /// New instances start in `dir` (`None`: the app directory); `label` is what `status`
+    /// shows (`None`: the app directory's own).
+    SetRelease {
+        dir: Option<PathBuf>,
+        label: Option<String>,
+    },
+    /// The commit the app directory holds, found at start.
+    BaseRelease(String),
     /// Sends `msg` (`Upgrade` or `Reload`) to the launcher; the reply is its `Answer`.
     AskLauncher {
         msg: FleetToLauncher,
@@ -268,6 +279,10 @@ pub struct Fleet {
     /// The release the instances run (set by deploys).
     release: Option<String>,
     last_deploy: Option<OperationStatus>,
+    /// Where new instances start: the current release, or `None` for the app directory.
+    release_dir: Option<PathBuf>,
+    /// What `status` shows while the instances run the app directory.
+    base_release: Option<String>,
 }
 
 impl Fleet {
@@ -284,7 +299,14 @@ impl Fleet {
             http: init.app.http.count,
             root: init.app.root_enabled,
         };
+        let state_dir = PathBuf::from(&init.state_dir);
+        let current = deploy::current_release(&state_dir);
         Some(Fleet {
+            release: current
+                .as_ref()
+                .map(|(_, name)| deploy::release_label(name)),
+            release_dir: current.map(|(dir, _)| dir),
+            base_release: None,
             app: init.app,
             health: init.health,
             state_dir: PathBuf::from(init.state_dir),
@@ -316,7 +338,6 @@ impl Fleet {
             deploy: init.deploy,
             log: init.log,
             upgrades: init.upgrades,
-            release: None,
             last_deploy: None,
         })
     }
@@ -774,9 +795,13 @@ impl Fleet {
             format_utc(now_unix_ms() / 1000),
             if backup { " as backup" } else { "" }
         );
+        let dir = self
+            .release_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&self.app.dir));
         let spawned = process::spawn(&SpawnSpec {
             command: &command,
-            dir: std::path::Path::new(&self.app.dir),
+            dir: &dir,
             env: &env,
             log: &log,
             banner: &banner,
@@ -1023,6 +1048,9 @@ impl Fleet {
                 if let Some(mut op) = self.operation.take() {
                     op.ok = Some(ok);
                     op.message = Some(message);
+                    if op.name == "deploy" || op.name == "rollback" {
+                        self.last_deploy = Some(op.clone());
+                    }
                     self.last_operation = Some(op);
                 }
             }
@@ -1063,6 +1091,25 @@ impl Fleet {
                 }
             }
             CtlCmd::Drain { id, reply } => self.drain(id, reply),
+            CtlCmd::DeployContext(reply) => {
+                let _ = reply.send(DeployContext {
+                    app_dir: PathBuf::from(&self.app.dir),
+                    env: self.app.env.clone(),
+                    settings: self.deploy.clone(),
+                    state_dir: self.state_dir.clone(),
+                    counts: self.counts,
+                });
+            }
+            CtlCmd::SetRelease { dir, label } => {
+                self.release = label.or_else(|| self.base_release.clone());
+                self.release_dir = dir;
+            }
+            CtlCmd::BaseRelease(label) => {
+                if self.release_dir.is_none() {
+                    self.release = Some(label.clone());
+                }
+                self.base_release = Some(label);
+            }
             CtlCmd::AskLauncher { msg, reply } => {
                 if self
                     .launcher_answer

@@ -6,6 +6,8 @@
 //! - `fleet`: the state machine that owns the instances table, counts and routes; every
 //!   other part talks to it through messages.
 //! - `ops`: mutating operations for control clients (the rolling restart).
+//! - `deploy`: deploy (pull, back up, build a release beside the live one, switch, roll) and
+//!   rollback.
 //! - `control`: the control socket: peer check, requests, log streaming.
 //! - `process`: spawning an instance in its own process group, stopping the whole group.
 //! - `health`: HTTP/HTTPS readiness and health probes.
@@ -16,6 +18,7 @@ mod access;
 mod backoff;
 mod clock;
 mod control;
+mod deploy;
 mod fleet;
 mod health;
 mod logs;
@@ -93,6 +96,7 @@ pub async fn run(launcher: Channel<FleetToLauncher, LauncherToFleet>) -> Result<
     let state_dir = PathBuf::from(&init.state_dir);
     let health = init.health.clone();
     let control_gid = init.control_gid;
+    let app_dir = PathBuf::from(&init.app.dir);
 
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
     let launcher = Arc::new(launcher);
@@ -110,6 +114,7 @@ pub async fn run(launcher: Channel<FleetToLauncher, LauncherToFleet>) -> Result<
         control_gid,
     });
     let acceptor = tokio::spawn(control::serve(control, ctx));
+    tokio::spawn(base_release(app_dir, FleetHandle(cmd_tx.clone())));
     tracing::info!(control = %control_path, "fleet worker started");
 
     if let Some(state) = adopt {
@@ -191,6 +196,28 @@ async fn launcher_reader(
                 return;
             }
         }
+    }
+}
+
+/// Tells the state machine which commit the app directory holds, for `status`.
+async fn base_release(app_dir: PathBuf, fleet: FleetHandle) {
+    if !app_dir.join(".git").exists() {
+        return;
+    }
+    let out = tokio::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "rev-parse", "--short", "HEAD"])
+        .current_dir(&app_dir)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(out) if out.status.success() => {
+            let label = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            fleet.tell(fleet::CtlCmd::BaseRelease(label));
+        }
+        Ok(out) => tracing::debug!("git rev-parse in {}: {}", app_dir.display(), out.status),
+        Err(e) => tracing::debug!("git rev-parse in {}: {e}", app_dir.display()),
     }
 }
 

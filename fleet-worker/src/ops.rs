@@ -1,12 +1,15 @@
-//! Mutating operations run for control clients; today the rolling restart. An operation
-//! runs in its own task, drives the state machine through [`FleetHandle`] and reports each
-//! step as a progress line; it runs to completion even if its client goes away.
+//! Mutating operations run for control clients: the rolling restart, which deploys and
+//! rollbacks reuse. An operation runs in its own task, drives the state machine through
+//! [`FleetHandle`] and reports each step as a progress line; it runs to completion even if
+//! its client goes away.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::{CtlResponse, HealthSettings, InstanceId, Pool, RestartArgs};
 use tokio::sync::mpsc;
 
+use crate::deploy::DeployLog;
 use crate::fleet::{CtlCmd, FleetHandle};
 use crate::logs::instance_name;
 use crate::plan::{count, describe, restart_plan, target_counts, Step};
@@ -21,6 +24,8 @@ pub struct Operation {
     fleet: FleetHandle,
     health: HealthSettings,
     progress: mpsc::UnboundedSender<CtlResponse>,
+    /// A deploy's log, which gets every progress line too.
+    log: Option<Arc<DeployLog>>,
 }
 
 impl Operation {
@@ -33,11 +38,20 @@ impl Operation {
             fleet,
             health,
             progress,
+            log: None,
         }
+    }
+
+    pub fn with_log(mut self, log: Arc<DeployLog>) -> Self {
+        self.log = Some(log);
+        self
     }
 
     fn say(&self, line: String) {
         tracing::info!("{line}");
+        if let Some(log) = &self.log {
+            log.line(&line);
+        }
         let _ = self.progress.send(CtlResponse::Progress(line));
     }
 

@@ -45,19 +45,20 @@ async fn status_reports_instances_with_proxy_counters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_for_the_launcher_and_unimplemented_ones() {
+async fn requests_for_the_launcher_and_a_deploy_outside_a_repository() {
     let mut cfg = Config::new((20_550, 20_599));
     cfg.http = 0;
     let mut h = Harness::start(cfg).await;
     h.wait_ready().await;
+    // The app directory is no git repository: the pull fails and nothing changes.
     let deploy = h.request(CtlRequest::Deploy(DeployArgs::default())).await;
-    assert_eq!(
-        deploy,
-        [CtlResponse::Done {
-            ok: false,
-            message: "deploy is not implemented yet".into()
-        }]
-    );
+    match deploy.last() {
+        Some(CtlResponse::Done { ok: false, message }) => {
+            assert!(message.starts_with("pull: "), "{message}");
+            assert!(message.contains("nothing changed"), "{message}");
+        }
+        other => panic!("expected a failed deploy, got {other:?}"),
+    }
     let reload = h.request(CtlRequest::Reload).await;
     assert_eq!(
         reload.last(),

@@ -295,11 +295,15 @@ async fn logs_are_served_over_the_control_socket() {
     })
     .await
     .unwrap();
-    get(port, "/followed").await;
-    let line = tokio::time::timeout(Duration::from_secs(10), ctl.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    // The follow starts when the worker has read the request: ask until a line comes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        get(port, "/followed").await;
+        if let Ok(line) = tokio::time::timeout(Duration::from_millis(500), ctl.recv()).await {
+            break line.unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no followed line");
+    };
     assert_eq!(line, Some(CtlResponse::Log("GET /followed".into())));
     drop(ctl);
     h.shutdown(ShutdownKind::Graceful).await;

@@ -385,6 +385,8 @@ pub enum CtlRequest {
         lines: u32,
         follow: bool,
     },
+    /// Back to the release before the current one, with a rolling restart.
+    Rollback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -60,6 +60,8 @@ enum Cmd {
     },
     /// Re-read the config and certificates and apply them without downtime.
     Reload,
+    /// Switch back to the previous kept release with a rolling restart.
+    Rollback,
     /// Show instance logs.
     Logs {
         /// An instance, like `https-0`, `http-1` or `root`; all when omitted.
@@ -186,6 +188,7 @@ fn request_for(cmd: Cmd) -> Option<(CtlRequest, bool)> {
             false,
         ),
         Cmd::Reload => (CtlRequest::Reload, false),
+        Cmd::Rollback => (CtlRequest::Rollback, false),
         Cmd::Logs {
             instance,
             follow,
@@ -441,7 +444,7 @@ fn console(runtime: &tokio::runtime::Runtime, socket: PathBuf) -> ExitCode {
                 println!(
                     "commands:\n  status [--json]\n  restart-all [--ssl N] [--http N] [--root true|false]   (or -ssl=N -http=N -root=true)\n  \
                      deploy [--ssl N] [--http N] [--root B] [--persistent B] [--delete-old B]\n  upgrade [--binary PATH]\n  \
-                     reload\n  logs [INSTANCE] [--lines N]\n  exit"
+                     reload\n  rollback\n  logs [INSTANCE] [--lines N]\n  exit"
                 );
                 continue;
             }

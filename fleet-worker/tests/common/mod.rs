@@ -76,6 +76,10 @@ pub struct Config {
     pub interval_ms: u64,
     /// How long the simulated proxy takes to answer `Drain`.
     pub drain_delay: Duration,
+    /// `[app].dir`; the harness's temp directory when `None`.
+    pub app_dir: Option<PathBuf>,
+    /// `[deploy]`; commands that do nothing, backups in `state/backup` when `None`.
+    pub deploy: Option<protocol::DeploySettings>,
 }
 
 impl Config {
@@ -93,6 +97,8 @@ impl Config {
             stop_timeout_ms: 2_000,
             interval_ms: 500,
             drain_delay: Duration::ZERO,
+            app_dir: None,
+            deploy: None,
         }
     }
 }
@@ -165,7 +171,12 @@ impl Harness {
             .map(|c| c.replace("{server}", &server));
         let init = FleetInit {
             app: AppSettings {
-                dir: dir.path().display().to_string(),
+                dir: cfg
+                    .app_dir
+                    .as_deref()
+                    .unwrap_or(dir.path())
+                    .display()
+                    .to_string(),
                 port_min: cfg.ports.0,
                 port_max: cfg.ports.1,
                 env,
@@ -191,7 +202,7 @@ impl Harness {
             launcher_pid: std::process::id() as i32,
             launcher_started_unix_ms: 1,
             state,
-            deploy: protocol::DeploySettings {
+            deploy: cfg.deploy.clone().unwrap_or(protocol::DeploySettings {
                 build_dir: ".next".into(),
                 backup_dir: dir.path().join("state/backup").display().to_string(),
                 pull: "git pull --ff-only".into(),
@@ -200,7 +211,7 @@ impl Harness {
                 persistent: false,
                 delete_old: true,
                 keep: 5,
-            },
+            }),
             log: protocol::LogSettings {
                 json: false,
                 max_size: 10 << 20,
