@@ -57,3 +57,36 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         })
         .ok_or(())
 }
+
+/// The man page and completions in packaging/ are what the clap definitions produce now.
+#[test]
+fn man_page_and_completions_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(OVERWATCHCTL)
+        .arg("generate")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging");
+    for file in [
+        "overwatchctl.1",
+        "completions/overwatchctl.bash",
+        "completions/_overwatchctl",
+        "completions/overwatchctl.fish",
+    ] {
+        let fresh = std::fs::read_to_string(dir.path().join(file)).unwrap();
+        let committed = std::fs::read_to_string(repo.join(file)).unwrap_or_default();
+        assert!(
+            fresh == committed,
+            "packaging/{file} is stale: run `cargo run --bin overwatchctl -- generate packaging`"
+        );
+    }
+    assert!(std::fs::read_to_string(repo.join("overwatchctl.1"))
+        .unwrap()
+        .contains("restart\\-all"));
+}

@@ -73,6 +73,9 @@ enum Cmd {
     },
     /// Interactive console with line editing and history.
     Console,
+    /// Internal: write the man page and shell completions into DIR (packaging/ in the repo).
+    #[command(hide = true)]
+    Generate { dir: PathBuf },
 }
 
 #[derive(clap::Args, Clone)]
@@ -162,6 +165,15 @@ fn main() -> ExitCode {
     if let Cmd::Console = cli.cmd {
         return console(&runtime, cli.socket);
     }
+    if let Cmd::Generate { dir } = &cli.cmd {
+        return match generate(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("overwatchctl: {}: {e}", dir.display());
+                ExitCode::from(1)
+            }
+        };
+    }
     runtime.block_on(execute(&cli.socket, cli.cmd)).code()
 }
 
@@ -201,8 +213,29 @@ fn request_for(cmd: Cmd) -> Option<(CtlRequest, bool)> {
             },
             false,
         ),
-        Cmd::Console => return None,
+        Cmd::Console | Cmd::Generate { .. } => return None,
     })
+}
+
+/// The man page (`overwatchctl.1`) and bash, zsh and fish completions, from the clap
+/// definitions, so they never drift from the real interface.
+fn generate(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir.join("completions"))?;
+    let mut cmd = Cli::command();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut man)?;
+    std::fs::write(dir.join("overwatchctl.1"), man)?;
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "overwatchctl.bash"),
+        (clap_complete::Shell::Zsh, "_overwatchctl"),
+        (clap_complete::Shell::Fish, "overwatchctl.fish"),
+    ] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "overwatchctl", &mut out);
+        std::fs::write(dir.join("completions").join(file), out)?;
+    }
+    Ok(())
 }
 
 /// One `status` request, quietly; `None` if Overwatch cannot be reached or answers otherwise.
