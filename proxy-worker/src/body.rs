@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::metrics::Metrics;
 use crate::routes::InFlight;
 use crate::server::RequestGuard;
 
@@ -128,10 +129,14 @@ pub struct AccessLog {
     pub status: u16,
     pub pool: Option<protocol::Pool>,
     pub instance: Option<u32>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AccessLog {
+    /// Writes the access-log line and counts the request in the metrics.
     pub fn emit(&self, bytes: u64, complete: bool) {
+        let elapsed = self.started.elapsed();
+        self.metrics.request(self.pool, self.status, elapsed);
         tracing::info!(
             target: "access",
             client = %self.client,
@@ -141,7 +146,7 @@ impl AccessLog {
             status = self.status,
             pool = self.pool.map(|p| p.name()).unwrap_or("-"),
             instance = self.instance.map(i64::from).unwrap_or(-1),
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms = elapsed.as_millis() as u64,
             bytes,
             complete,
         );

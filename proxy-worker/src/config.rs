@@ -1,6 +1,6 @@
 //! The proxy settings from the launcher, parsed once into the form the request path uses.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -10,6 +10,8 @@ use protocol::ProxySettings;
 pub enum ConfigError {
     #[error("root_allow entry {entry:?} is neither a CIDR network nor an IP address")]
     RootAllow { entry: String },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// What the request path needs from [`ProxySettings`].
@@ -21,6 +23,8 @@ pub struct Settings {
     pub redirect_http: bool,
     pub https_ca_pem: Option<Vec<u8>>,
     pub drain_timeout: Duration,
+    /// Where to serve Prometheus metrics (loopback only).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -40,6 +44,11 @@ impl Settings {
             redirect_http: s.redirect_http,
             https_ca_pem: s.https_ca_pem.clone(),
             drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+            metrics: s
+                .metrics
+                .as_deref()
+                .map(crate::metrics::parse_address)
+                .transpose()?,
         })
     }
 

@@ -12,6 +12,7 @@
 //! - `server`: accept loops, TLS handshakes, HTTP/1.1 and HTTP/2 connections, graceful close.
 //! - `proxy`: one request: pool choice, root access check, header rewriting, safe retries,
 //!   streaming, upgrades.
+//! - `metrics`: Prometheus counters and the loopback endpoint that serves them.
 //! - `headers`, `body`: hop-by-hop and forwarding headers; replayable request bodies and
 //!   response bodies that count in-flight time and write the access log.
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ mod body;
 mod config;
 mod fleet;
 mod headers;
+mod metrics;
 mod proxy;
 mod routes;
 mod server;
@@ -78,6 +80,34 @@ pub enum Error {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+}
+
+/// The metrics server task, if `[proxy].metrics` is set.
+#[derive(Default)]
+struct MetricsEndpoint {
+    current: Option<(std::net::SocketAddr, tokio_util::sync::CancellationToken)>,
+}
+
+impl MetricsEndpoint {
+    /// Serves metrics on `addr` from now on (`None`: not at all).
+    fn apply(&mut self, addr: Option<std::net::SocketAddr>, proxy: &Arc<proxy::Proxy>) {
+        if self.current.as_ref().map(|(a, _)| *a) == addr {
+            return;
+        }
+        if let Some((_, stop)) = self.current.take() {
+            stop.cancel();
+        }
+        if let Some(addr) = addr {
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(metrics::serve(
+                addr,
+                proxy.metrics.clone(),
+                proxy.router.clone(),
+                stop.clone(),
+            ));
+            self.current = Some((addr, stop));
+        }
+    }
 }
 
 fn message_name(msg: &LauncherToProxy) -> &'static str {
@@ -179,6 +209,7 @@ pub async fn run_tuned(
     };
     let (upstream, listeners) = prepare(&init, received.fds)?;
     let mut pending_listeners = Some(listeners);
+    let metrics_addr = upstream.settings.metrics;
 
     let router = Arc::new(routes::Router::default());
     let (events_tx, events_rx) = mpsc::channel(fleet::EVENT_QUEUE);
@@ -191,6 +222,8 @@ pub async fn run_tuned(
     let server = server::Server::new(proxy.clone(), tuning.header_read_timeout);
     let fleet = fleet::FleetLink::new(router.clone(), events_rx);
     let mut installs = router.installs();
+    let mut endpoint = MetricsEndpoint::default();
+    endpoint.apply(metrics_addr, &proxy);
 
     let (kind, result) = loop {
         tokio::select! {
@@ -208,6 +241,7 @@ pub async fn run_tuned(
                     LauncherToProxy::Start(_) => tracing::warn!("ignoring a second Start"),
                     LauncherToProxy::Reconfigure(init) => match prepare(&init, r.fds) {
                         Ok((upstream, listeners)) => {
+                            endpoint.apply(upstream.settings.metrics, &proxy);
                             proxy.reconfigure(upstream);
                             match &mut pending_listeners {
                                 Some(pending) => *pending = listeners,
@@ -243,6 +277,7 @@ pub async fn run_tuned(
     };
     drop(pending_listeners);
     server.shutdown(kind, proxy.drain_timeout()).await;
+    endpoint.apply(None, &proxy);
     fleet.close();
     if let Err(e) = launcher.send(&ProxyToLauncher::Drained).await {
         tracing::debug!(error = %e, "cannot report Drained; the launcher is gone");

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::{AccessLog, RequestBody, Tracked, UpstreamBody};
 use crate::config::{normalize_host, Settings};
 use crate::headers;
+use crate::metrics::{Metrics, UpstreamError};
 use crate::routes::{InFlight, Router};
 use crate::tls::{self, TlsError};
 
@@ -94,6 +95,7 @@ pub struct Proxy {
     /// Cancelled when the drain deadline passed: whatever is still open is dropped.
     pub hard_stop: CancellationToken,
     response_timeout: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 fn connector() -> HttpConnector {
@@ -154,6 +156,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             response_timeout,
+            metrics: Arc::new(Metrics::default()),
             upstream: ArcSwap::from_pointee(upstream),
             router,
             events,
@@ -202,6 +205,7 @@ impl Proxy {
             status: 0,
             pool: None,
             instance: None,
+            metrics: self.metrics.clone(),
         };
         if req.method() == Method::CONNECT {
             return local(
@@ -313,6 +317,7 @@ impl Proxy {
             };
             match tokio::time::timeout(self.response_timeout, sent).await {
                 Err(_) => {
+                    self.metrics.upstream_error(pool, UpstreamError::Timeout);
                     tracing::warn!(%pool, instance = backend.index, "instance sent no response headers in time");
                     return local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout", log);
                 }
@@ -323,6 +328,12 @@ impl Proxy {
                 Ok(Err(e)) => {
                     let connect = e.is_connect();
                     let reason = error_chain(&e);
+                    let kind = if connect {
+                        UpstreamError::Connect
+                    } else {
+                        UpstreamError::Request
+                    };
+                    self.metrics.upstream_error(pool, kind);
                     if connect {
                         self.router.mark_failed(&backend);
                         self.report(ProxyToFleet::BackendFailed {

@@ -258,6 +258,12 @@ impl Router {
         Some(backend)
     }
 
+    /// Every backend the proxy still tracks.
+    pub fn backends(&self) -> Vec<Arc<BackendState>> {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.values().cloned().collect()
+    }
+
     /// Counters of every tracked backend, by id.
     pub fn stats(&self) -> Vec<BackendStats> {
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());

@@ -190,6 +190,7 @@ async fn serve(
     shared: Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
+    let _open = shared.proxy.metrics.connection(kind);
     let info = ConnInfo { kind, client: peer };
     let Some(acceptor) = tls else {
         return serve_http(TokioIo::new(stream), info, &shared).await;
@@ -199,6 +200,8 @@ async fn serve(
         r = handshake => r,
         _ = shared.proxy.hard_stop.cancelled() => return,
     };
+    let metrics = &shared.proxy.metrics;
+    metrics.tls_handshake(matches!(tls_stream, Ok(Ok(_))));
     match tls_stream {
         Ok(Ok(s)) => serve_http(TokioIo::new(s), info, &shared).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
