@@ -94,6 +94,7 @@ pub async fn run(launcher: Channel<FleetToLauncher, LauncherToFleet>) -> Result<
     let adopt = init.state.take();
     let (min, max) = (init.app.port_min, init.app.port_max);
     let state_dir = PathBuf::from(&init.state_dir);
+    let log_settings = init.log.clone();
     let health = init.health.clone();
     let control_gid = init.control_gid;
     let app_dir = PathBuf::from(&init.app.dir);
@@ -106,6 +107,11 @@ pub async fn run(launcher: Channel<FleetToLauncher, LauncherToFleet>) -> Result<
         reader.abort();
         return Err(Error::PortRange { min, max });
     };
+    tokio::spawn(logs::rotate_forever(
+        logs::log_dir(&state_dir),
+        log_settings.max_size,
+        log_settings.keep,
+    ));
     let ctx = Arc::new(control::Context {
         fleet: FleetHandle(cmd_tx.clone()),
         state_dir,

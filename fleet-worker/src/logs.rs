@@ -274,3 +274,87 @@ mod tests {
         );
     }
 }
+
+/// How often instance logs are checked against `[log].max_size`.
+pub const ROTATE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Rotates every `*.log` in `dir` larger than `max_size`: `x.log.N` are shifted up (the one
+/// past `keep` is removed), the live file is copied to `x.log.1` and truncated. Instances write
+/// with `O_APPEND`, so they carry on at the start of the emptied file (copytruncate: a line
+/// written between the copy and the truncation can be lost). Returns the files rotated.
+pub fn rotate_once(dir: &Path, max_size: u64, keep: u32) -> io::Result<Vec<PathBuf>> {
+    let mut rotated = Vec::new();
+    if max_size == 0 {
+        return Ok(rotated);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("log") {
+            continue;
+        }
+        if std::fs::metadata(&path)?.len() <= max_size {
+            continue;
+        }
+        let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+        if keep == 0 {
+            File::options().write(true).open(&path)?.set_len(0)?;
+            rotated.push(path);
+            continue;
+        }
+        let _ = std::fs::remove_file(numbered(keep));
+        for n in (1..keep).rev() {
+            if numbered(n).exists() {
+                std::fs::rename(numbered(n), numbered(n + 1))?;
+            }
+        }
+        std::fs::copy(&path, numbered(1))?;
+        File::options().write(true).open(&path)?.set_len(0)?;
+        rotated.push(path);
+    }
+    Ok(rotated)
+}
+
+/// Runs [`rotate_once`] every [`ROTATE_EVERY`] for the life of the worker.
+pub async fn rotate_forever(dir: PathBuf, max_size: u64, keep: u32) {
+    let mut tick = tokio::time::interval(ROTATE_EVERY);
+    loop {
+        tick.tick().await;
+        let (d, m, k) = (dir.clone(), max_size, keep);
+        match tokio::task::spawn_blocking(move || rotate_once(&d, m, k)).await {
+            Ok(Ok(files)) => {
+                for f in files {
+                    tracing::info!(file = %f.display(), "instance log rotated");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(dir = %dir.display(), "log rotation: {e}"),
+            Err(e) => tracing::warn!("log rotation task: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod rotate_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn rotates_past_max_size_and_keeps_n() {
+        let dir = std::env::temp_dir().join(format!("ow-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let live = dir.join("http-0.log");
+        let mut writer = File::options().create(true).append(true).open(&live).unwrap();
+        for round in 0..4 {
+            writer.write_all(format!("round {round} {}\n", "x".repeat(100)).as_bytes()).unwrap();
+            assert_eq!(rotate_once(&dir, 50, 2).unwrap(), vec![live.clone()]);
+        }
+        // The writer keeps appending to the emptied live file.
+        writer.write_all(b"after\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&live).unwrap(), "after\n");
+        assert!(std::fs::read_to_string(dir.join("http-0.log.1")).unwrap().starts_with("round 3"));
+        assert!(std::fs::read_to_string(dir.join("http-0.log.2")).unwrap().starts_with("round 2"));
+        assert!(!dir.join("http-0.log.3").exists());
+        assert!(rotate_once(&dir, 50, 2).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
