@@ -343,16 +343,26 @@ mod rotate_tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let live = dir.join("http-0.log");
-        let mut writer = File::options().create(true).append(true).open(&live).unwrap();
+        let mut writer = File::options()
+            .create(true)
+            .append(true)
+            .open(&live)
+            .unwrap();
         for round in 0..4 {
-            writer.write_all(format!("round {round} {}\n", "x".repeat(100)).as_bytes()).unwrap();
+            writer
+                .write_all(format!("round {round} {}\n", "x".repeat(100)).as_bytes())
+                .unwrap();
             assert_eq!(rotate_once(&dir, 50, 2).unwrap(), vec![live.clone()]);
         }
         // The writer keeps appending to the emptied live file.
         writer.write_all(b"after\n").unwrap();
         assert_eq!(std::fs::read_to_string(&live).unwrap(), "after\n");
-        assert!(std::fs::read_to_string(dir.join("http-0.log.1")).unwrap().starts_with("round 3"));
-        assert!(std::fs::read_to_string(dir.join("http-0.log.2")).unwrap().starts_with("round 2"));
+        assert!(std::fs::read_to_string(dir.join("http-0.log.1"))
+            .unwrap()
+            .starts_with("round 3"));
+        assert!(std::fs::read_to_string(dir.join("http-0.log.2"))
+            .unwrap()
+            .starts_with("round 2"));
         assert!(!dir.join("http-0.log.3").exists());
         assert!(rotate_once(&dir, 50, 2).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
