@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::metrics::Metrics;
@@ -21,8 +22,33 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct RequestBody {
     /// `None` for a request without a body.
-    slot: Option<Arc<Mutex<Option<Incoming>>>>,
+    slot: Option<Arc<Mutex<Option<Pending>>>>,
     hint: SizeHint,
+}
+
+/// A client body not yet sent anywhere, with its first frame if it was read ahead.
+#[derive(Debug)]
+struct Pending {
+    first: Option<Frame<Bytes>>,
+    rest: Incoming,
+}
+
+/// Reading the client's request body failed (bad chunked encoding, the client went away):
+/// the client's fault, never the instance's.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
+/// Whether `e` or one of its sources is a [`ClientBodyError`].
+pub fn is_client_body_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if e.is::<ClientBodyError>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 impl RequestBody {
@@ -32,10 +58,39 @@ impl RequestBody {
             RequestBody { slot: None, hint }
         } else {
             RequestBody {
-                slot: Some(Arc::new(Mutex::new(Some(body)))),
+                slot: Some(Arc::new(Mutex::new(Some(Pending {
+                    first: None,
+                    rest: body,
+                })))),
                 hint,
             }
         }
+    }
+
+    /// Reads the first frame of a body of unknown length (HTTP/1 chunked) before any
+    /// instance is chosen, so a malformed one is refused without forwarding anything. Waits
+    /// at most `wait`; a client slower than that is forwarded as it comes.
+    pub async fn read_ahead(&self, wait: std::time::Duration) -> Result<(), ClientBodyError> {
+        let Some(slot) = &self.slot else {
+            return Ok(());
+        };
+        let Some(mut pending) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(());
+        };
+        let result = match tokio::time::timeout(wait, pending.rest.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                pending.first = Some(frame);
+                Ok(())
+            }
+            Ok(Some(Err(e))) => Err(ClientBodyError(e)),
+            Ok(None) | Err(_) => Ok(()),
+        };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(pending);
+        result
+    }
+
+    pub fn hint(&self) -> &SizeHint {
+        &self.hint
     }
 
     pub fn is_empty(&self) -> bool {
@@ -64,8 +119,8 @@ impl RequestBody {
 #[derive(Debug)]
 enum State {
     Empty,
-    Waiting(Arc<Mutex<Option<Incoming>>>),
-    Streaming(Incoming),
+    Waiting(Arc<Mutex<Option<Pending>>>),
+    Streaming(Pending),
 }
 
 /// The body of one upstream request attempt.
@@ -97,7 +152,12 @@ impl Body for UpstreamBody {
         }
         match &mut this.state {
             State::Empty | State::Waiting(_) => Poll::Ready(None),
-            State::Streaming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            State::Streaming(body) => match body.first.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => Pin::new(&mut body.rest)
+                    .poll_frame(cx)
+                    .map_err(|e| ClientBodyError(e).into()),
+            },
         }
     }
 
@@ -105,7 +165,7 @@ impl Body for UpstreamBody {
         match &self.state {
             State::Empty => true,
             State::Waiting(_) => false,
-            State::Streaming(body) => body.is_end_stream(),
+            State::Streaming(body) => body.first.is_none() && body.rest.is_end_stream(),
         }
     }
 
@@ -113,7 +173,10 @@ impl Body for UpstreamBody {
         match &self.state {
             State::Empty => SizeHint::with_exact(0),
             State::Waiting(_) => self.hint,
-            State::Streaming(body) => body.size_hint(),
+            State::Streaming(body) => match &body.first {
+                None => body.rest.size_hint(),
+                Some(_) => self.hint,
+            },
         }
     }
 }

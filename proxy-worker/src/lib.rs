@@ -9,6 +9,7 @@
 //! - `routes`: the routing table (swapped atomically), in-flight and served counters,
 //!   least-in-flight selection, drain waits.
 //! - `fleet`: the proxy↔fleet channel, replaceable at any time.
+//! - `framing`: a watch on HTTP/1 request framing that refuses ambiguous heads.
 //! - `server`: accept loops, TLS handshakes, HTTP/1.1 and HTTP/2 connections, graceful close.
 //! - `proxy`: one request: pool choice, root access check, header rewriting, safe retries,
 //!   streaming, upgrades.
@@ -20,6 +21,7 @@
 mod body;
 mod config;
 mod fleet;
+mod framing;
 mod headers;
 mod metrics;
 mod proxy;
@@ -218,6 +220,7 @@ pub async fn run_tuned(
         router.clone(),
         events_tx,
         tuning.upstream_response_timeout,
+        proxy::FIRST_CHUNK_WAIT.min(tuning.header_read_timeout),
     ));
     let server = server::Server::new(proxy.clone(), tuning.header_read_timeout);
     let fleet = fleet::FleetLink::new(router.clone(), events_rx);

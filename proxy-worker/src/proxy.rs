@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::{AccessLog, RequestBody, Tracked, UpstreamBody};
+use crate::body::{is_client_body_error, AccessLog, RequestBody, Tracked, UpstreamBody};
 use crate::config::{normalize_host, Settings};
 use crate::headers;
 use crate::metrics::{Metrics, UpstreamError};
@@ -34,6 +34,9 @@ pub const NO_BACKEND_WAIT: Duration = Duration::from_secs(10);
 /// How long an instance may take to send response headers before a 504. Generous: server-side
 /// rendering, slow APIs and long polls are normal; a hung instance is what this catches.
 pub const UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A chunked request body's first chunk is read before an instance is chosen, so a malformed
+/// one is refused (400) and never forwarded; a client slower than this is forwarded as is.
+pub const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(5);
 /// Connecting on loopback is immediate; this only bounds a full accept queue.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled upstream connections are closed before Node's default 5 s keep-alive timeout,
@@ -95,6 +98,8 @@ pub struct Proxy {
     /// Cancelled when the drain deadline passed: whatever is still open is dropped.
     pub hard_stop: CancellationToken,
     response_timeout: Duration,
+    /// How long a chunked request body's first chunk is waited for before forwarding.
+    first_chunk_wait: Duration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -153,9 +158,11 @@ impl Proxy {
         router: Arc<Router>,
         events: mpsc::Sender<ProxyToFleet>,
         response_timeout: Duration,
+        first_chunk_wait: Duration,
     ) -> Self {
         Proxy {
             response_timeout,
+            first_chunk_wait,
             metrics: Arc::new(Metrics::default()),
             upstream: ArcSwap::from_pointee(upstream),
             router,
@@ -274,6 +281,12 @@ impl Proxy {
             .filter(|p| p.starts_with('/'))
             .unwrap_or("/");
         let body = RequestBody::new(body);
+        if parts.version < Version::HTTP_2 && !body.is_empty() && body.hint().exact().is_none() {
+            if let Err(e) = body.read_ahead(self.first_chunk_wait).await {
+                tracing::debug!(client = %conn.client, error = %e, "bad request body");
+                return bad_request(log);
+            }
+        }
         let replay_after_send = body.is_empty() && is_idempotent(&parts.method);
         let scheme = if pool == Pool::Https { "https" } else { "http" };
         let mut tried = Vec::new();
@@ -324,6 +337,10 @@ impl Proxy {
                 Ok(Ok(resp)) => {
                     backend.count_served();
                     return self.respond(resp, in_flight, client_upgrade.take(), log);
+                }
+                Ok(Err(e)) if is_client_body_error(&e) => {
+                    tracing::debug!(client = %conn.client, error = %error_chain(&e), "bad request body");
+                    return bad_request(log);
                 }
                 Ok(Err(e)) => {
                     let connect = e.is_connect();
@@ -383,6 +400,14 @@ impl Proxy {
         let body = body.map_err(Into::into).boxed();
         Response::from_parts(parts, Tracked::new(body, Some(in_flight), log))
     }
+}
+
+/// 400 for a request whose body cannot be read; the connection closes after it.
+fn bad_request(log: AccessLog) -> Response<Tracked> {
+    let mut resp = local(StatusCode::BAD_REQUEST, "bad request", log);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn redirect(req: &Request<Incoming>, host_full: Option<&str>, log: AccessLog) -> Response<Tracked> {

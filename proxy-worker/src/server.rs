@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::framing::Watched;
 use crate::proxy::{ConnInfo, Proxy};
 
 /// A client gets this long to send a request's head (slowloris protection). hyper runs this
@@ -30,6 +31,8 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP/2 header list accepted; HTTP/1 heads are bounded by hyper's read buffer.
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Largest HTTP/1 request head (431 beyond); also hyper's read buffer limit.
+const MAX_HEAD_SIZE: usize = 64 * 1024;
 /// Most headers in one HTTP/1 request.
 const MAX_HEADERS: usize = 128;
 /// Client connections served at once; beyond it new connections wait in the kernel's accept
@@ -76,6 +79,7 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .max_headers(MAX_HEADERS)
+            .max_buf_size(MAX_HEAD_SIZE)
             .keep_alive(true);
         builder
             .http2()
@@ -193,7 +197,7 @@ async fn serve(
     let _open = shared.proxy.metrics.connection(kind);
     let info = ConnInfo { kind, client: peer };
     let Some(acceptor) = tls else {
-        return serve_http(TokioIo::new(stream), info, &shared).await;
+        return serve_http(TokioIo::new(Watched::new(stream)), info, &shared).await;
     };
     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let tls_stream = tokio::select! {
@@ -203,7 +207,14 @@ async fn serve(
     let metrics = &shared.proxy.metrics;
     metrics.tls_handshake(matches!(tls_stream, Ok(Ok(_))));
     match tls_stream {
-        Ok(Ok(s)) => serve_http(TokioIo::new(s), info, &shared).await,
+        Ok(Ok(s)) => {
+            let s = if s.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Watched::unwatched(s)
+            } else {
+                Watched::new(s)
+            };
+            serve_http(TokioIo::new(s), info, &shared).await
+        }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
