@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{have_test_users, is_root, wait_for, Launcher, Sandbox, APP_USER};
+use common::{have_test_users, is_root, Launcher, Sandbox, APP_USER};
 
 /// The pnpm `.ci/run` installs; the fixture's `packageManager` names the same.
 const PNPM_VERSION: &str = "10.34.9";
@@ -143,8 +143,14 @@ impl NextApp {
 
     /// Commits a new `pages/index.js` with `body` and pushes it.
     fn push_page(&self, body: &str, message: &str) {
+        self.push(&[("pages/index.js", body)], message);
+    }
+
+    fn push(&self, files: &[(&str, &str)], message: &str) {
         let work = self.work();
-        std::fs::write(work.join("pages/index.js"), body).unwrap();
+        for (name, text) in files {
+            std::fs::write(work.join(name), text).unwrap();
+        }
         git(&work, &["commit", "-q", "-am", message]);
         git(&work, &["push", "-q", "origin", "main"]);
     }
@@ -357,7 +363,7 @@ fn deploy_of_a_new_commit_under_load_changes_the_page_and_keeps_old_chunks() {
 }
 
 #[test]
-fn failed_build_under_load_keeps_the_previous_release_serving() {
+fn failed_build_under_load_keeps_the_previous_release_serving_and_a_reinstall_fixes_modules() {
     if !have_test_users() || !have_pnpm() {
         return;
     }
@@ -400,4 +406,54 @@ fn failed_build_under_load_keeps_the_previous_release_serving() {
     assert_eq!(ids(&after), ids(&before), "the instances were restarted");
     assert_eq!(after["last_deploy"]["ok"], false);
     assert!(!app.sandbox.path().join("state/releases/current").exists());
+
+    // A commit that needs a package the carried-over node_modules lack: the first build
+    // fails; `persistent` removes node_modules and the lock file, pnpm installs, the build
+    // passes and the page changes, again with zero failed requests.
+    let package = std::fs::read_to_string(Path::new(FIXTURE).join("package.json"))
+        .unwrap()
+        .replace(
+            r#""next": "#,
+            r#""ms": "2.1.3",
+    "next": "#,
+        );
+    app.push(
+        &[
+            ("package.json", &package),
+            (
+                "pages/index.js",
+                "import ms from \"ms\";\nexport default function Home() {\n  return <p>MESSAGE: third release {ms(60000)}</p>;\n}\n",
+            ),
+        ],
+        "a new dependency",
+    );
+    let load = Load::start(&app.sandbox);
+    let began = Instant::now();
+    let out = app.sandbox.ctl(&["deploy", "--persistent", "true"]);
+    let took = began.elapsed();
+    let (requests, failures) = load.finish();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "deploy failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "deploy with reinstall took {took:?}; {requests} requests during it, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(stdout.contains("build failed; persistent"), "{stdout}");
+    assert!(stdout.contains("removed pnpm-lock.yaml"), "{stdout}");
+    assert!(stdout.contains("install: exit status: 0"), "{stdout}");
+    assert!(
+        stdout.contains("build (after install): exit status: 0"),
+        "{stdout}"
+    );
+    let page = app.page();
+    assert!(page.contains("MESSAGE: third release <!-- -->1m"), "{page}");
 }
