@@ -245,3 +245,29 @@ fn rolling_restarts_and_scaling_under_load_fail_nothing() {
     assert!(tally.ok > 100, "only {} requests went through", tally.ok);
     drop(launcher);
 }
+
+#[test]
+fn scaling_beyond_the_port_range_is_refused_and_changes_nothing() {
+    let sb = Sandbox::new();
+    have_test_users();
+    let config = sb.config(1, 1, false, "");
+    let _launcher = Launcher::run(&sb, &config);
+    let before = snapshot(&sb.wait_ready(2, Duration::from_secs(30)));
+    // The sandbox's range holds 40 ports.
+    let out = sb.ctl(&["restart-all", "--ssl", "30", "--http", "30"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("port"),
+        "the refusal should say the port range is too small: {text}"
+    );
+    let after = snapshot(&sb.wait_ready(2, Duration::from_secs(10)));
+    assert_eq!(after.pids, before.pids, "running instances were touched");
+    let status = sb.status().unwrap();
+    assert_eq!(status["counts"]["https"], 1);
+    assert_eq!(status["counts"]["http"], 1);
+}

@@ -87,6 +87,8 @@ pub enum CtlCmd {
         message: String,
     },
     Counts(Reply<Counts>),
+    /// The instance port range, (first, last).
+    PortRange(Reply<(u16, u16)>),
     SetCount {
         pool: Pool,
         count: u32,
@@ -1056,6 +1058,9 @@ impl Fleet {
             }
             CtlCmd::Counts(reply) => {
                 let _ = reply.send(self.counts);
+            }
+            CtlCmd::PortRange(reply) => {
+                let _ = reply.send((self.app.port_min, self.app.port_max));
             }
             CtlCmd::SetCount { pool, count: n } => {
                 self.counts = with_count(self.counts, pool, n);

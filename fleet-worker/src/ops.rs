@@ -67,6 +67,19 @@ impl Operation {
     async fn restart_all_inner(&self, args: RestartArgs) -> Result<String, String> {
         let old = self.fleet.ask(CtlCmd::Counts).await.ok_or(GONE)?;
         let new = target_counts(old, &args);
+        // Refuse before touching anything: every instance needs a port, plus one spare so a
+        // replacement can start on a fresh port while the old one still holds its own.
+        let (min, max) = self.fleet.ask(CtlCmd::PortRange).await.ok_or(GONE)?;
+        let needed = count(new, Pool::Https) + count(new, Pool::Http) + count(new, Pool::Root) + 1;
+        let available = u32::from(max - min) + 1;
+        if needed > available {
+            return Err(format!(
+                "the port range {min}-{max} holds {available} ports; {} https, {} http, root {} need {needed} (one spare for rolling); nothing was changed",
+                new.https,
+                new.http,
+                if new.root { "on" } else { "off" },
+            ));
+        }
         self.say(format!(
             "restart-all: {} -> {}",
             describe(old),
