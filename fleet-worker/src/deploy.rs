@@ -131,6 +131,29 @@ async fn forward_lines(
     }
 }
 
+/// Links (or copies) every file below `from` into `to` where `to` has none yet; returns how
+/// many were added.
+fn merge_tree(from: &Path, to: &Path) -> Result<u64, DeployError> {
+    let mut added = 0;
+    for entry in std::fs::read_dir(from).map_err(io_err("cannot read", from))? {
+        let entry = entry.map_err(io_err("cannot read", from))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().map_err(io_err("cannot stat", &src))?;
+        if kind.is_dir() {
+            if !dst.exists() {
+                std::fs::create_dir(&dst).map_err(io_err("cannot create", &dst))?;
+            }
+            added += merge_tree(&src, &dst)?;
+        } else if kind.is_file() && !dst.exists() {
+            if std::fs::hard_link(&src, &dst).is_err() {
+                std::fs::copy(&src, &dst).map_err(io_err("cannot copy to", &dst))?;
+            }
+            added += 1;
+        }
+    }
+    Ok(added)
+}
+
 // ----- releases on disk -----
 
 pub fn releases_dir(state_dir: &Path) -> PathBuf {
@@ -521,7 +544,7 @@ impl Deployer {
                 "{e}; the build was not switched, {untouched} (its build was never touched)"
             ));
         }
-        self.carry_static(ctx, &live_build, &release.join(&s.build_dir))
+        self.carry_static(&live_build, &release.join(&s.build_dir))
             .await;
 
         // Switch and roll.
@@ -641,20 +664,22 @@ impl Deployer {
 
     /// The previous build's static files go into the new build's, so a page of the previous
     /// build still gets its chunks (names are content hashes: nothing new is overwritten).
-    async fn carry_static(&self, ctx: &DeployContext, old_build: &Path, new_build: &Path) {
+    async fn carry_static(&self, old_build: &Path, new_build: &Path) {
         let (old, new) = (old_build.join("static"), new_build.join("static"));
         if !old.is_dir() || !new.is_dir() {
             return;
         }
-        let from = format!("{}/.", old.to_string_lossy());
-        let to = new.to_string_lossy();
-        if let Err(e) = self
-            .exec("static", "cp", &["-a", "-n", &from, &to], &ctx.app_dir, ctx)
-            .await
-        {
-            self.say(format!(
+        let (from, to) = (old.clone(), new.clone());
+        let carried = tokio::task::spawn_blocking(move || merge_tree(&from, &to)).await;
+        match carried {
+            Ok(Ok(n)) => self.say(format!(
+                "static: {n} files of the previous build carried into {}",
+                new.display()
+            )),
+            Ok(Err(e)) => self.say(format!(
                 "static: {e}; pages of the previous build may miss chunks"
-            ));
+            )),
+            Err(e) => self.say(format!("static: {e}")),
         }
     }
 
@@ -757,6 +782,21 @@ impl Deployer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_tree_adds_only_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::create_dir_all(old.join("chunks/pages")).unwrap();
+        std::fs::create_dir_all(new.join("chunks")).unwrap();
+        std::fs::write(old.join("chunks/pages/index-1.js"), "old page").unwrap();
+        std::fs::write(old.join("chunks/main.js"), "old main").unwrap();
+        std::fs::write(new.join("chunks/main.js"), "new main").unwrap();
+        assert_eq!(merge_tree(&old, &new).unwrap(), 1);
+        let read = |p: &str| std::fs::read_to_string(new.join(p)).unwrap();
+        assert_eq!(read("chunks/pages/index-1.js"), "old page");
+        assert_eq!(read("chunks/main.js"), "new main");
+    }
 
     #[test]
     fn labels_and_current_switches() {
