@@ -362,6 +362,26 @@ async fn execute(socket: &PathBuf, cmd: Cmd) -> Outcome {
     }
 }
 
+/// `2026-12-03 14:05:09 UTC` from Unix seconds (civil-from-days, no time-zone database).
+fn utc(unix: u64) -> String {
+    let (days, rem) = ((unix / 86_400) as i64, unix % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
 fn human_duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
@@ -389,10 +409,33 @@ fn render_status(r: &StatusReport) -> String {
         r.counts.http,
         if r.counts.root { "on" } else { "off" },
     ));
+    if r.upgrades > 0 {
+        out.push_str(&format!("upgraded in place {} time(s)\n", r.upgrades));
+    }
+    out.push_str(&format!(
+        "release: {}\n",
+        r.release.as_deref().unwrap_or("unknown (no deploy yet)")
+    ));
+    if let Some(d) = &r.last_deploy {
+        out.push_str(&format!(
+            "last deploy: {} {}{}\n",
+            match d.ok {
+                Some(true) => "succeeded",
+                Some(false) => "FAILED",
+                None => "running",
+            },
+            utc(d.started_unix),
+            d.message
+                .as_ref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ));
+    }
     if let Some(op) = &r.operation {
         out.push_str(&format!(
-            "running: {} (since unix {})\n",
-            op.name, op.started_unix
+            "running: {} since {}\n",
+            op.name,
+            utc(op.started_unix)
         ));
     }
     if let Some(op) = &r.last_operation {
@@ -503,6 +546,13 @@ fn console(runtime: &tokio::runtime::Runtime, socket: PathBuf) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::normalize;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_310_309), "2026-12-03 15:05:09 UTC");
+    }
 
     #[test]
     fn seed_spelling_is_rewritten() {
