@@ -84,6 +84,36 @@ fn pnpm_env() -> [(&'static str, &'static str); 2] {
     ]
 }
 
+/// A bare origin with `files` as its first commit, a working clone (`work`) the test commits
+/// in, and the app directory (`app`) cloned from the origin.
+fn make_repo(sandbox: &Sandbox, files: &[(&str, String)]) {
+    let root = sandbox.path();
+    git(root, &["init", "-q", "--bare", "origin.git"]);
+    let work = root.join("work");
+    for (name, text) in files {
+        let path = work.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    git(&work, &["init", "-q"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "first release"]);
+    git(&work, &["remote", "add", "origin", "../origin.git"]);
+    git(&work, &["push", "-q", "-u", "origin", "main"]);
+    // The sandbox made `app` for the demo app; the clone takes its place.
+    std::fs::remove_dir(root.join("app")).unwrap();
+    git(root, &["clone", "-q", "origin.git", "app"]);
+}
+
+fn push(sandbox: &Sandbox, files: &[(&str, &str)], message: &str) {
+    let work = sandbox.path().join("work");
+    for (name, text) in files {
+        std::fs::write(work.join(name), text).unwrap();
+    }
+    git(&work, &["commit", "-q", "-am", message]);
+    git(&work, &["push", "-q", "origin", "main"]);
+}
+
 /// A sandbox with the Next.js fixture committed to a bare origin, cloned as the app
 /// directory, installed and built there, and the config to run it with 2 HTTP instances.
 struct NextApp {
@@ -95,26 +125,20 @@ impl NextApp {
     fn new() -> NextApp {
         let sandbox = Sandbox::new();
         let root = sandbox.path();
-        git(root, &["init", "-q", "--bare", "origin.git"]);
-        let work = root.join("work");
-        std::fs::create_dir_all(work.join("pages")).unwrap();
-        for file in [
+        let files: Vec<(&str, String)> = [
             "package.json",
             "pnpm-lock.yaml",
             "next.config.js",
             ".gitignore",
             "pages/index.js",
-        ] {
-            std::fs::copy(Path::new(FIXTURE).join(file), work.join(file)).unwrap();
-        }
-        git(&work, &["init", "-q"]);
-        git(&work, &["add", "-A"]);
-        git(&work, &["commit", "-q", "-m", "first release"]);
-        git(&work, &["remote", "add", "origin", "../origin.git"]);
-        git(&work, &["push", "-q", "-u", "origin", "main"]);
-        // The sandbox made `app` for the demo app; the clone takes its place.
-        std::fs::remove_dir(root.join("app")).unwrap();
-        git(root, &["clone", "-q", "origin.git", "app"]);
+        ]
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(Path::new(FIXTURE).join(f)).unwrap();
+            (f, text)
+        })
+        .collect();
+        make_repo(&sandbox, &files);
         let app = root.join("app");
         std::fs::create_dir_all(PNPM_STORE).unwrap();
         run(&app, "pnpm", &["install", "--frozen-lockfile"], &pnpm_env());
@@ -133,7 +157,22 @@ impl NextApp {
             }
             run(root, "chown", &["-R", APP_USER, PNPM_STORE], &[]);
         }
-        let config = write_config(&sandbox, &home);
+        let env = format!(
+            "NODE_ENV = \"production\", NEXT_TELEMETRY_DISABLED = \"1\", HOME = \"{}\", \
+             npm_config_store_dir = \"{PNPM_STORE}\"",
+            home.display()
+        );
+        let config = write_config(
+            &sandbox,
+            &AppConfig {
+                command: "pnpm start",
+                env,
+                ready_timeout: "60s",
+                build_dir: ".next",
+                build: "pnpm build",
+                install: "pnpm install --no-frozen-lockfile",
+            },
+        );
         NextApp { sandbox, config }
     }
 
@@ -147,27 +186,31 @@ impl NextApp {
     }
 
     fn push(&self, files: &[(&str, &str)], message: &str) {
-        let work = self.work();
-        for (name, text) in files {
-            std::fs::write(work.join(name), text).unwrap();
-        }
-        git(&work, &["commit", "-q", "-am", message]);
-        git(&work, &["push", "-q", "origin", "main"]);
+        push(&self.sandbox, files, message);
     }
 
     fn page(&self) -> String {
-        let response = self
-            .sandbox
-            .client()
-            .get(self.sandbox.http_url("/"))
-            .send()
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.text().unwrap()
+        page(&self.sandbox)
     }
 }
 
-fn write_config(sandbox: &Sandbox, home: &Path) -> PathBuf {
+/// What differs between the apps the tests deploy.
+struct AppConfig<'a> {
+    command: &'a str,
+    env: String,
+    ready_timeout: &'a str,
+    build_dir: &'a str,
+    build: &'a str,
+    install: &'a str,
+}
+
+fn page(sandbox: &Sandbox) -> String {
+    let response = sandbox.client().get(sandbox.http_url("/")).send().unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().unwrap()
+}
+
+fn write_config(sandbox: &Sandbox, app: &AppConfig<'_>) -> PathBuf {
     let users = if is_root() {
         format!(
             "user = \"{}\"\ngroup = \"{}\"\n",
@@ -196,34 +239,39 @@ key = "key.pem"
 [app]
 dir = "app"
 {app_user}ports = "{pmin}-{pmax}"
-env = {{ NODE_ENV = "production", NEXT_TELEMETRY_DISABLED = "1", HOME = "{home}", npm_config_store_dir = "{PNPM_STORE}" }}
+env = {{ {env} }}
 
 [app.https]
 count = 0
-command = "pnpm start"
+command = "{command}"
 
 [app.http]
 count = 2
-command = "pnpm start"
+command = "{command}"
 
 [health]
 path = "/"
 interval = "1s"
-ready_timeout = "60s"
+ready_timeout = "{ready_timeout}"
 drain_timeout = "5s"
 stop_timeout = "5s"
 
 [deploy]
-build_dir = ".next"
+build_dir = "{build_dir}"
 pull = "git pull --ff-only"
-build = "pnpm build"
-install = "pnpm install --no-frozen-lockfile"
+build = "{build}"
+install = "{install}"
 "#,
         hp = sandbox.https_port,
         p = sandbox.http_port,
         pmin = sandbox.ports.0,
         pmax = sandbox.ports.1,
-        home = home.display(),
+        env = app.env,
+        command = app.command,
+        ready_timeout = app.ready_timeout,
+        build_dir = app.build_dir,
+        build = app.build,
+        install = app.install,
     );
     let path = sandbox.path().join("overwatch.toml");
     std::fs::write(&path, text).unwrap();
@@ -238,7 +286,8 @@ struct Load {
 }
 
 impl Load {
-    fn start(sandbox: &Sandbox) -> Load {
+    /// Every answer must be a 200 whose body contains `expect`.
+    fn start(sandbox: &Sandbox, expect: &'static str) -> Load {
         let client = sandbox.client();
         let url = sandbox.http_url("/");
         let stop = Arc::new(AtomicBool::new(false));
@@ -250,7 +299,7 @@ impl Load {
                 requests += 1;
                 match client.get(&url).send() {
                     Ok(r) if r.status() == 200 => match r.text() {
-                        Ok(body) if body.contains("MESSAGE:") => {}
+                        Ok(body) if body.contains(expect) => {}
                         Ok(body) => failures.push(format!("unexpected body: {body:.200}")),
                         Err(e) => failures.push(format!("body: {e}")),
                     },
@@ -314,7 +363,7 @@ fn deploy_of_a_new_commit_under_load_changes_the_page_and_keeps_old_chunks() {
         "export default function Home() {\n  return <p id=\"message\">MESSAGE: second release</p>;\n}\n",
         "second release",
     );
-    let load = Load::start(&app.sandbox);
+    let load = Load::start(&app.sandbox, "MESSAGE:");
     let began = Instant::now();
     let out = app.sandbox.ctl(&["deploy"]);
     let took = began.elapsed();
@@ -375,7 +424,7 @@ fn failed_build_under_load_keeps_the_previous_release_serving_and_a_reinstall_fi
         "export default function Home() {\n  return <p>MESSAGE: broken release</p\n}\n",
         "a syntax error",
     );
-    let load = Load::start(&app.sandbox);
+    let load = Load::start(&app.sandbox, "MESSAGE:");
     let began = Instant::now();
     let out = app.sandbox.ctl(&["deploy", "--persistent", "false"]);
     let took = began.elapsed();
@@ -427,7 +476,7 @@ fn failed_build_under_load_keeps_the_previous_release_serving_and_a_reinstall_fi
         ],
         "a new dependency",
     );
-    let load = Load::start(&app.sandbox);
+    let load = Load::start(&app.sandbox, "MESSAGE:");
     let began = Instant::now();
     let out = app.sandbox.ctl(&["deploy", "--persistent", "true"]);
     let took = began.elapsed();
@@ -456,4 +505,110 @@ fn failed_build_under_load_keeps_the_previous_release_serving_and_a_reinstall_fi
     );
     let page = app.page();
     assert!(page.contains("MESSAGE: third release <!-- -->1m"), "{page}");
+}
+
+const FAST_APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fast-app");
+
+#[test]
+fn a_release_that_never_gets_ready_rolls_back_and_rollback_works_under_load() {
+    if !have_test_users() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let mut files: Vec<(&str, String)> = ["app.py", "build.sh", ".gitignore"]
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(Path::new(FAST_APP).join(f)).unwrap();
+            (f, text)
+        })
+        .collect();
+    files.push(("message.txt", "v1".into()));
+    make_repo(&sandbox, &files);
+    let root = sandbox.path();
+    run(&root.join("app"), "sh", &["build.sh"], &[]);
+    if is_root() {
+        for dir in ["origin.git", "app"] {
+            run(root, "chown", &["-R", APP_USER, dir], &[]);
+        }
+    }
+    let config = write_config(
+        &sandbox,
+        &AppConfig {
+            command: "exec python3 app.py",
+            env: String::new(),
+            ready_timeout: "3s",
+            build_dir: "build",
+            build: "sh build.sh",
+            install: "true",
+        },
+    );
+    let _launcher = Launcher::run(&sandbox, &config);
+    let before = sandbox.wait_ready(2, Duration::from_secs(30));
+    assert_eq!(page(&sandbox), "v1");
+
+    // The new release answers 500: never ready; every answer during the deploy is v1.
+    push(&sandbox, &[("message.txt", "UNHEALTHY v2")], "v2");
+    let load = Load::start(&sandbox, "v1");
+    let out = sandbox.ctl(&["deploy"]);
+    let (requests, failures) = load.finish();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not become ready"), "{stderr}");
+    assert!(
+        stderr.contains("rolled back: every instance serves the app directory again"),
+        "{stderr}"
+    );
+    eprintln!(
+        "rolled-back deploy: {requests} requests, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(requests > 20, "too little load: {requests}");
+    let after = sandbox.wait_ready(2, Duration::from_secs(30));
+    assert_eq!(after["release"], before["release"]);
+    assert_eq!(after["last_deploy"]["ok"], false);
+
+    // A good release, then `overwatchctl rollback` to the app directory, both under load.
+    push(&sandbox, &[("message.txt", "v3")], "v3");
+    let load = Load::start(&sandbox, "v");
+    let deployed = sandbox.ctl(&["deploy", "-deleteOld=false"]);
+    assert!(
+        deployed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    assert_eq!(page(&sandbox), "v3");
+    let rolled = sandbox.ctl(&["rollback"]);
+    let (requests, failures) = load.finish();
+    assert!(
+        rolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rolled.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&rolled.stdout);
+    assert!(
+        stdout.contains("rollback done: the app directory serves"),
+        "{stdout}"
+    );
+    eprintln!(
+        "deploy and rollback: {requests} requests, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(page(&sandbox), "v1");
+    let backups: Vec<_> = std::fs::read_dir(root.join("state/backup"))
+        .unwrap()
+        .collect();
+    assert_eq!(backups.len(), 1, "-deleteOld=false keeps the backup");
+    let status = sandbox.status().unwrap();
+    assert_eq!(status["last_deploy"]["name"], "rollback");
+    assert_eq!(status["release"], before["release"]);
 }
