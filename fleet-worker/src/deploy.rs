@@ -169,8 +169,14 @@ pub fn current_release(state_dir: &Path) -> Option<(PathBuf, String)> {
     path.is_dir().then_some((path, name))
 }
 
-/// Every release directory, oldest first (names start with a sortable UTC stamp).
-pub fn list_releases(state_dir: &Path) -> Vec<String> {
+/// The file that marks release `name` as completely built (beside it, not in the app's tree).
+fn built_marker(state_dir: &Path, name: &str) -> PathBuf {
+    releases_dir(state_dir).join(format!(".{name}.built"))
+}
+
+/// Every release directory, oldest first (names start with a sortable UTC stamp): the built
+/// ones, or the ones a deploy left unfinished (it was interrupted).
+fn release_dirs(state_dir: &Path, built: bool) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(releases_dir(state_dir))
         .map(|entries| {
             entries
@@ -178,11 +184,17 @@ pub fn list_releases(state_dir: &Path) -> Vec<String> {
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                 .filter_map(|e| e.file_name().to_str().map(str::to_string))
                 .filter(|n| !n.starts_with('.') && n != CURRENT)
+                .filter(|n| built_marker(state_dir, n).exists() == built)
                 .collect()
         })
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// Every completely built release, oldest first.
+pub fn list_releases(state_dir: &Path) -> Vec<String> {
+    release_dirs(state_dir, true)
 }
 
 /// What `status` shows for a release: the commit part of its name.
@@ -491,6 +503,8 @@ impl Deployer {
             "deploy: instances run {live_name}; persistent={persistent}, delete_old={delete_old}"
         ));
         let untouched = format!("nothing changed: the instances keep serving {live_name}");
+        self.sweep(ctx, previous.as_ref().map(|(_, n)| n.as_str()))
+            .await;
 
         self.shell("pull", &s.pull, &ctx.app_dir, ctx)
             .await
@@ -546,6 +560,15 @@ impl Deployer {
         }
         self.carry_static(&live_build, &release.join(&s.build_dir))
             .await;
+        let marker = built_marker(&ctx.state_dir, &name);
+        if let Err(e) = std::fs::write(&marker, b"") {
+            self.discard_release(ctx, &release, git).await;
+            self.drop_backup(backup.as_deref(), delete_old).await;
+            return Err(format!(
+                "cannot write {}: {e}; {untouched}",
+                marker.display()
+            ));
+        }
 
         // Switch and roll.
         if let Err(e) = switch_current(&ctx.state_dir, Some(&name)) {
@@ -686,9 +709,32 @@ impl Deployer {
     async fn discard_release(&self, ctx: &DeployContext, release: &Path, git: bool) {
         self.say(format!("release: removing {}", release.display()));
         self.remove_tree(release).await;
+        if let Some(name) = release.file_name().and_then(|n| n.to_str()) {
+            let _ = std::fs::remove_file(built_marker(&ctx.state_dir, name));
+        }
         if git {
             let _ = self
                 .exec("release", "git", &["worktree", "prune"], &ctx.app_dir, ctx)
+                .await;
+        }
+    }
+
+    /// Removes what an interrupted deploy left: release directories never marked built.
+    async fn sweep(&self, ctx: &DeployContext, current: Option<&str>) {
+        let leftovers: Vec<String> = release_dirs(&ctx.state_dir, false)
+            .into_iter()
+            .filter(|n| Some(n.as_str()) != current)
+            .collect();
+        for name in &leftovers {
+            self.say(format!(
+                "releases: removing {name}, left unfinished by an interrupted deploy"
+            ));
+            self.remove_tree(&releases_dir(&ctx.state_dir).join(name))
+                .await;
+        }
+        if !leftovers.is_empty() && ctx.app_dir.join(".git").exists() {
+            let _ = self
+                .exec("releases", "git", &["worktree", "prune"], &ctx.app_dir, ctx)
                 .await;
         }
     }
@@ -703,6 +749,7 @@ impl Deployer {
             self.say(format!("releases: removing {name} (keeping {keep})"));
             self.remove_tree(&releases_dir(&ctx.state_dir).join(name))
                 .await;
+            let _ = std::fs::remove_file(built_marker(&ctx.state_dir, name));
             pruned = true;
         }
         if pruned && git {
@@ -806,7 +853,10 @@ mod tests {
         assert_eq!(current_release(state), None);
         for n in ["20240501T000002.000Z-b", "20240501T000001.000Z-a"] {
             std::fs::create_dir_all(releases_dir(state).join(n)).unwrap();
+            std::fs::write(built_marker(state, n), "").unwrap();
         }
+        std::fs::create_dir_all(releases_dir(state).join("20240501T000003.000Z-c")).unwrap();
+        assert_eq!(release_dirs(state, false), ["20240501T000003.000Z-c"]);
         switch_current(state, Some("20240501T000001.000Z-a")).unwrap();
         assert_eq!(
             current_release(state).map(|(_, n)| n),

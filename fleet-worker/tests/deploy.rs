@@ -173,7 +173,7 @@ fn releases(h: &Harness) -> Vec<String> {
     entries(&h.dir.path().join("state/releases"))
         .iter()
         .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
-        .filter(|n| n != "current")
+        .filter(|n| n != "current" && !n.starts_with('.'))
         .collect()
 }
 
@@ -313,12 +313,16 @@ async fn deploy_builds_beside_the_live_app_and_keeps_backups_as_asked() {
     assert!(log.contains("built: v2"), "{log}");
     assert!(log.contains("deploy done"), "{log}");
 
-    // Default delete_old=true: this deploy's backup goes, the earlier one stays.
+    // Default delete_old=true: this deploy's backup goes, the earlier one stays. What an
+    // interrupted deploy left (a release never marked built) is swept away.
+    let leftover = h.dir.path().join("state/releases/20000101T000000.000Z-leftover");
+    std::fs::create_dir_all(&leftover).unwrap();
     repo.push(&[("message.txt", "v3")], "v3");
     let (ok, message, progress) = deploy(&h, DeployArgs::default()).await;
     assert!(ok, "{message}\n{progress}");
     assert_all_say(&h, "v3").await;
     assert_eq!(repo.backup_entries(), backups);
+    assert!(!leftover.exists());
     assert_eq!(releases(&h).len(), 2);
 }
 
