@@ -118,6 +118,17 @@ impl DeployLog {
     }
 }
 
+/// Kills a step's whole process group if the step is abandoned (its task dropped).
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = process::signal_group(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
 async fn forward_lines(
     stream: impl tokio::io::AsyncRead + Unpin,
     is_out: bool,
@@ -354,6 +365,7 @@ impl Deployer {
             source,
         })?;
         let pgid = child.id().map(|p| p as i32);
+        let _group = GroupGuard(pgid);
         let (tx, mut rx) = mpsc::unbounded_channel::<(bool, String)>();
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(forward_lines(stdout, true, tx.clone()));
