@@ -315,7 +315,10 @@ async fn deploy_builds_beside_the_live_app_and_keeps_backups_as_asked() {
 
     // Default delete_old=true: this deploy's backup goes, the earlier one stays. What an
     // interrupted deploy left (a release never marked built) is swept away.
-    let leftover = h.dir.path().join("state/releases/20000101T000000.000Z-leftover");
+    let leftover = h
+        .dir
+        .path()
+        .join("state/releases/20000101T000000.000Z-leftover");
     std::fs::create_dir_all(&leftover).unwrap();
     repo.push(&[("message.txt", "v3")], "v3");
     let (ok, message, progress) = deploy(&h, DeployArgs::default()).await;
