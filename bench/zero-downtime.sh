@@ -3,9 +3,13 @@
 # each operation; prints wall time and failed requests (non-2xx/3xx plus socket errors) per
 # operation. Expected failures: 0.
 #
-#   bench/zero-downtime.sh [restart|upgrade|all]     (default: all; needs root for upgrade)
+#   bench/zero-downtime.sh [restart|upgrade|deploy|all]   (default: all; upgrade and deploy need root)
 #
-# The app is the built-in demo app (2 https + 2 http + root); everything runs on loopback.
+# restart/upgrade: the app is the built-in demo app (2 https + 2 http + root).
+# deploy: the Next.js app of tests/fixtures/next-app (2 http instances) in a git repository
+# cloned from a local bare origin, built with the pinned pnpm (as .ci/run installs it); a
+# successful deploy of a new commit, then a deploy whose build fails and is rolled back.
+# Everything runs on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-all}
@@ -66,7 +70,8 @@ EOF
 RUST_LOG=warn "$BIN/overwatch" run --config "$W/overwatch.toml" > "$W/overwatch.log" 2>&1 &
 LAUNCHER=$!
 pids+=($LAUNCHER)
-ctl() { "$BIN/overwatchctl" --socket "$W/control.sock" "$@"; }
+CTL_SOCKET=$W/control.sock
+ctl() { "$BIN/overwatchctl" --socket "$CTL_SOCKET" "$@"; }
 ready() { # N: wait until N instances are ready
   for _ in $(seq 300); do
     n=$(ctl status --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(i["state"]=="ready" for i in d["instances"]) if all(i["state"]=="ready" for i in d["instances"]) else -1)' 2>/dev/null || echo -1)
@@ -92,11 +97,18 @@ PY
 }
 
 RESULTS=()
+HTTPS_URL=https://127.0.0.1:19443/whoami
+HTTP_URL=http://127.0.0.1:19080/whoami
+WRK_EXTRA=()
 run_op() { # name, command...
   local name=$1; shift
-  wrk -t1 -c64 -d${WINDOW}s https://127.0.0.1:19443/whoami > "$W/wrk-https.txt" 2>&1 &
+  if [ -n "$HTTPS_URL" ]; then
+    wrk -t1 -c64 -d${WINDOW}s "${WRK_EXTRA[@]}" "$HTTPS_URL" > "$W/wrk-https.txt" 2>&1 &
+  else
+    echo "0 requests in" > "$W/wrk-https.txt" &
+  fi
   local w1=$!
-  wrk -t1 -c64 -d${WINDOW}s http://127.0.0.1:19080/whoami > "$W/wrk-http.txt" 2>&1 &
+  wrk -t1 -c64 -d${WINDOW}s "${WRK_EXTRA[@]}" "$HTTP_URL" > "$W/wrk-http.txt" 2>&1 &
   local w2=$!
   sleep 2
   local t0 t1
@@ -146,6 +158,74 @@ fi
 if [ "$WHAT" = upgrade ] || [ "$WHAT" = all ]; then
   [ "$(id -u)" = 0 ] || { echo "upgrade needs root" >&2; exit 1; }
   run_op "10 upgrades in a row" upgrade_ten
+fi
+
+deploy_bench() {
+  [ "$(id -u)" = 0 ] && id ow-app >/dev/null 2>&1 || { echo "deploy needs root and the ow-app account (.ci/run)" >&2; exit 1; }
+  command -v pnpm >/dev/null || { echo "deploy needs pnpm (see .ci/run)" >&2; exit 1; }
+  kill "$LAUNCHER" 2>/dev/null || true; wait "$LAUNCHER" 2>/dev/null || true
+  local D=$W/deploy store=/var/cache/ow-pnpm-store fixture=$PWD/tests/fixtures/next-app
+  mkdir -p "$D/work/pages" "$D/home" "$store"; chmod 755 "$D"
+  export GIT_CONFIG_GLOBAL=$D/gitconfig npm_config_store_dir=$store NEXT_TELEMETRY_DISABLED=1
+  printf '[safe]\n\tdirectory = *\n[user]\n\tname = bench\n\temail = bench@localhost\n[init]\n\tdefaultBranch = main\n' > "$GIT_CONFIG_GLOBAL"
+  chmod 644 "$GIT_CONFIG_GLOBAL"
+  for f in package.json pnpm-lock.yaml next.config.js .gitignore pages/index.js; do cp "$fixture/$f" "$D/work/$f"; done
+  git init -q --bare "$D/origin.git"
+  (cd "$D/work" && git init -q && git add -A && git commit -qm "first release" \
+     && git remote add origin ../origin.git && git push -q -u origin main)
+  git clone -q "$D/origin.git" "$D/app"
+  (cd "$D/app" && pnpm install --frozen-lockfile >/dev/null && pnpm build >/dev/null)
+  chown -R ow-app "$D/origin.git" "$D/app" "$D/home" "$store"
+  cat > "$D/overwatch.toml" <<EOF
+[overwatch]
+user = "ow-proxy"
+group = "ow-ctl"
+control_socket = "control.sock"
+state_dir = "state"
+[proxy]
+https = []
+http = ["127.0.0.1:19080"]
+[app]
+dir = "app"
+user = "ow-app"
+ports = "19200-19299"
+env = { NODE_ENV = "production", NEXT_TELEMETRY_DISABLED = "1", HOME = "$D/home", npm_config_store_dir = "$store" }
+[app.https]
+count = 0
+command = "pnpm start"
+[app.http]
+count = 2
+command = "pnpm start"
+[health]
+path = "/"
+ready_timeout = "60s"
+drain_timeout = "10s"
+stop_timeout = "5s"
+[deploy]
+build = "pnpm build"
+install = "pnpm install --no-frozen-lockfile"
+EOF
+  RUST_LOG=warn "$BIN/overwatch" run --config "$D/overwatch.toml" > "$D/overwatch.log" 2>&1 &
+  LAUNCHER=$!
+  pids+=($LAUNCHER)
+  CTL_SOCKET=$D/control.sock
+  ready 2
+  HTTPS_URL=""
+  HTTP_URL=http://127.0.0.1:19080/
+  WRK_EXTRA=(--timeout 30s)
+  WINDOW=${DEPLOY_WINDOW:-120}
+  echo "// second release" >> "$D/work/pages/index.js"
+  (cd "$D/work" && git commit -qam "second release" && git push -q origin main)
+  run_op "deploy of a new commit (Next.js, pnpm build)" ctl deploy
+  printf 'export default function Broken( {\n' > "$D/work/pages/index.js"
+  (cd "$D/work" && git commit -qam "broken build" && git push -q origin main)
+  run_op "deploy whose build fails (rolled back, instances untouched)" expect_failure ctl deploy
+}
+
+expect_failure() { ! "$@"; }
+
+if [ "$WHAT" = deploy ] || [ "$WHAT" = all ]; then
+  deploy_bench
 fi
 
 echo
