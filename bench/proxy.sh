@@ -32,8 +32,18 @@ subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-da
 PY
 
 # Ports: Overwatch 18443/18080, nginx 28443/28080, HAProxy 38443/38080.
+# As root, Overwatch refuses to run its workers as root: they get an unprivileged account.
+ACCOUNTS=""
+APP_ACCOUNT=""
+if [ "$(id -u)" = 0 ]; then
+  BENCH_USER=${BENCH_USER:-nobody}
+  ACCOUNTS="user = \"$BENCH_USER\"
+group = \"$(id -gn "$BENCH_USER")\""
+  APP_ACCOUNT="user = \"$BENCH_USER\""
+fi
 cat > "$W/overwatch.toml" <<EOF
 [overwatch]
+$ACCOUNTS
 control_socket = "control.sock"
 state_dir = "state"
 [proxy]
@@ -42,6 +52,7 @@ http = ["127.0.0.1:18080"]
 cert = "cert.pem"
 key = "key.pem"
 [app]
+$APP_ACCOUNT
 dir = "."
 ports = "19000-19099"
 [app.https]
@@ -63,6 +74,11 @@ for _ in $(seq 100); do
   [ "$(echo "$status" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(i["state"]=="ready" for i in d["instances"]))' 2>/dev/null)" = 2 ] && break
   sleep 0.2
 done
+if [ -z "$status" ]; then
+  echo "overwatch did not become ready; its log:" >&2
+  cat "$W/overwatch.log" >&2
+  exit 1
+fi
 read -r HTTPS_BACKEND HTTP_BACKEND < <(echo "$status" | python3 -c '
 import json,sys; d=json.load(sys.stdin); p={i["pool"]:i["port"] for i in d["instances"]}; print(p["https"], p["http"])')
 echo "backends: https instance :$HTTPS_BACKEND, http instance :$HTTP_BACKEND"
@@ -99,7 +115,8 @@ cat "$W/cert.pem" "$W/key.pem" > "$W/combined.pem"
 cat > "$W/haproxy.cfg" <<EOF
 global
   nbthread 2
-  maxconn 20000
+  # Each connection costs two descriptors; stay below a common 20000 RLIMIT_NOFILE.
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
@@ -119,7 +136,10 @@ backend be_https
 EOF
 haproxy -f "$W/haproxy.cfg" -db &
 pids+=($!)
-sleep 1
+for p in 28080 28443 38080 38443; do
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+  (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo "nothing listens on :$p" >&2; exit 1; }
+done
 
 rss_kib() { # sum of VmRSS of the given pids
   local t=0; for p in "$@"; do v=$(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0); t=$((t+v)); done; echo $t; }
@@ -138,7 +158,7 @@ for name in overwatch nginx haproxy; do
 done
 wrk_run() { # name test url [extra wrk args]
   local name=$1 test=$2 url=$3; shift 3
-  local out; out=$(wrk -t2 -c$CONNS -d${DUR}s --latency "$@" "$url" 2>&1)
+  local out; out=$(wrk -t2 -c$CONNS -d${DUR}s --latency "$@" "$url" 2>&1 || true)
   local rps p50 p99 errs
   rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
   p50=$(echo "$out" | awk '$1=="50%"{print $2}')

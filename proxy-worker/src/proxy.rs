@@ -2,6 +2,7 @@
 //! forward with retries that are safe, stream the response back, tunnel upgrades.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,8 @@ pub struct Proxy {
     pub tasks: TaskTracker,
     /// Cancelled when the drain deadline passed: whatever is still open is dropped.
     pub hard_stop: CancellationToken,
+    /// Set when the worker starts draining: HTTP/1 responses say `Connection: close`.
+    pub draining: AtomicBool,
     response_timeout: Duration,
     /// How long a chunked request body's first chunk is waited for before forwarding.
     first_chunk_wait: Duration,
@@ -169,6 +172,7 @@ impl Proxy {
             events,
             tasks: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
+            draining: AtomicBool::new(false),
         }
     }
 

@@ -125,6 +125,7 @@ impl Server {
         self.accept.wait().await;
         let tasks = &shared.proxy.tasks;
         tracing::info!(?kind, connections = tasks.len(), "draining connections");
+        shared.proxy.draining.store(true, Ordering::Release);
         shared.graceful.cancel();
         tasks.close();
         let budget = match kind {
@@ -230,19 +231,17 @@ where
     let activity = Arc::new(Activity::default());
     let service = service_fn({
         let activity = activity.clone();
-        let graceful = shared.graceful.clone();
         move |req: hyper::Request<hyper::body::Incoming>| {
             let guard = Activity::start(&activity, req.version());
             let proxy = proxy.clone();
             let info = info.clone();
-            let graceful = graceful.clone();
             async move {
                 let http1 = req.version() < http::Version::HTTP_2;
                 let mut resp = proxy.handle(req, &info).await;
                 // Draining: this response is the connection's last, and says so, so the
                 // client does not send another request on a connection about to close.
                 if http1
-                    && graceful.is_cancelled()
+                    && proxy.draining.load(Ordering::Acquire)
                     && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
                 {
                     resp.headers_mut().insert(
