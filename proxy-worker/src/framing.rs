@@ -112,18 +112,31 @@ impl Tracker {
             match &mut self.state {
                 State::Off => return,
                 State::Head(buf) => {
-                    let b = data[i];
-                    i += 1;
                     // Empty lines before a request line are allowed (RFC 9112, 2.2).
-                    if buf.is_empty() && (b == b'\r' || b == b'\n') {
-                        continue;
+                    if buf.is_empty() {
+                        while i < data.len() && (data[i] == b'\r' || data[i] == b'\n') {
+                            i += 1;
+                        }
+                        if i == data.len() {
+                            return;
+                        }
                     }
-                    buf.push(b);
+                    // Up to and including the next line feed: only there can the head end.
+                    let rest = &data[i..];
+                    let take = rest
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(rest.len(), |p| p + 1);
+                    buf.extend_from_slice(&rest[..take]);
+                    i += take;
                     if buf.len() > MAX_HEAD {
                         self.state = State::Off;
                     } else if buf.ends_with(b"\r\n\r\n") || buf.ends_with(b"\n\n") {
-                        self.state = match framing_of(buf) {
-                            Framing::None => State::Head(Vec::new()),
+                        let mut head = std::mem::take(buf);
+                        let framing = framing_of(&head);
+                        head.clear();
+                        self.state = match framing {
+                            Framing::None => State::Head(head),
                             Framing::Length(n) => State::Fixed(n),
                             Framing::Chunked => State::ChunkLine(Vec::new()),
                             Framing::Stop => State::Off,

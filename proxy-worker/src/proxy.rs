@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -38,6 +38,10 @@ pub const UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A chunked request body's first chunk is read before an instance is chosen, so a malformed
 /// one is refused (400) and never forwarded; a client slower than this is forwarded as is.
 pub const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(5);
+/// A response body with a `Content-Length` up to this is read whole before the head is sent,
+/// so head and body leave in one write (nginx's proxy buffering, for small answers only);
+/// larger or unsized bodies (downloads, server-sent events) stream.
+const SMALL_RESPONSE: u64 = 64 * 1024;
 /// Connecting on loopback is immediate; this only bounds a full accept queue.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled upstream connections are closed before Node's default 5 s keep-alive timeout,
@@ -340,7 +344,9 @@ impl Proxy {
                 }
                 Ok(Ok(resp)) => {
                     backend.count_served();
-                    return self.respond(resp, in_flight, client_upgrade.take(), log);
+                    return self
+                        .respond(resp, in_flight, client_upgrade.take(), log)
+                        .await;
                 }
                 Ok(Err(e)) if is_client_body_error(&e) => {
                     tracing::debug!(client = %conn.client, error = %error_chain(&e), "bad request body");
@@ -372,7 +378,7 @@ impl Proxy {
         }
     }
 
-    fn respond(
+    async fn respond(
         &self,
         mut resp: Response<Incoming>,
         in_flight: InFlight,
@@ -401,7 +407,24 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let body = body.map_err(Into::into).boxed();
+        let small = body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= SMALL_RESPONSE);
+        let body = if small {
+            match body.collect().await {
+                Ok(collected) => Full::new(collected.to_bytes())
+                    .map_err(|never| match never {})
+                    .boxed(),
+                Err(e) => {
+                    let index = in_flight.backend().index;
+                    tracing::warn!(instance = index, error = %e, "instance response body failed");
+                    return local(StatusCode::BAD_GATEWAY, "bad gateway", log);
+                }
+            }
+        } else {
+            body.map_err(Into::into).boxed()
+        };
         Response::from_parts(parts, Tracked::new(body, Some(in_flight), log))
     }
 }
