@@ -21,7 +21,7 @@ W=$(mktemp -d /tmp/ow-zd.XXXXXX)
 chmod 755 "$W"
 UP=""
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; [ -n "$UP" ] && rm -rf "$UP"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; if [ -n "$UP" ]; then rm -rf "$UP"; fi; }
 trap cleanup EXIT
 
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
