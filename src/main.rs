@@ -32,6 +32,9 @@ enum Cmd {
         /// Internal: JSON logs from the start (`[log].format`), set on re-exec.
         #[arg(long, hide = true)]
         log_json: bool,
+        /// Go through start-up (config, certificates, runtime) without binding or spawning.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate a config file and print a summary; exit 0 valid, 1 invalid.
     CheckConfig {
@@ -132,12 +135,23 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Cmd::Run { config, .. } => {
+        Cmd::Run {
+            config, dry_run, ..
+        } => {
             let accounts = launcher::accounts_for_current_user();
             let config = match launcher::config::Config::load(&config, accounts) {
                 Ok(c) => c,
                 Err(e) => return fail(format!("invalid configuration: {e}")),
             };
+            if dry_run {
+                return match launcher::dry_run(&config) {
+                    Ok(summary) => {
+                        println!("{summary}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                };
+            }
             init_logging("launcher", config.log.json);
             if accounts == launcher::config::Accounts::Inherit {
                 tracing::warn!("not started as root: workers run as the current user");

@@ -232,7 +232,15 @@ fn refused_binaries_change_nothing() {
             protocol::PROTOCOL_VERSION
         ),
     );
+    let exits_at_start = trusted.script(
+        "exits-at-start",
+        &format!(
+            "case \"$1\" in probe) echo protocol={}; echo build=x;; check-config) exit 0;; *) echo 'cannot start' >&2; exit 1;; esac",
+            protocol::PROTOCOL_VERSION
+        ),
+    );
     for (binary, words) in [
+        (exits_at_start.as_path(), "run --dry-run"),
         (untrusted.as_path(), "not trusted"),
         (failing.as_path(), "preflight"),
         (other_protocol.as_path(), "protocol 999"),

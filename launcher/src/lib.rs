@@ -169,6 +169,30 @@ pub fn prepare(config: Config, accounts: Accounts) -> Result<Prepared, LaunchErr
     })
 }
 
+/// `overwatch run --dry-run`: everything `run` does before it binds or spawns (config, TLS
+/// material, the runtime), so an upgrade's preflight exercises the new binary's start.
+pub fn dry_run(config: &Config) -> Result<String, LaunchError> {
+    let (tls, certificates) = read_tls(config)?;
+    config
+        .proxy_settings()
+        .map_err(|source| LaunchError::Read {
+            what: "CA bundle",
+            path: format!("{:?}", config.https_ca),
+            source,
+        })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LaunchError::Runtime)?;
+    runtime.block_on(async {});
+    Ok(format!(
+        "dry run: {} listeners, {} certificates, state in {}",
+        config.listeners().len(),
+        tls.iter().count() + certificates.len(),
+        config.state_dir.display()
+    ))
+}
+
 /// `overwatch run`: prepare, drop privileges, supervise until SIGTERM/SIGINT.
 pub fn run(config: Config, accounts: Accounts) -> Result<(), LaunchError> {
     supervise(prepare(config, accounts)?)

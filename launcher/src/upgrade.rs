@@ -15,7 +15,8 @@ use nix::sys::stat::Mode;
 
 use protocol::fdpass::set_inheritable;
 
-/// How long the new binary's preflight (`probe`, `check-config`) may take.
+/// How long each step of the new binary's preflight (`probe`, `check-config`, `run --dry-run`)
+/// may take.
 pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +140,8 @@ fn run_bounded(cmd: &mut Command, what: &str) -> Result<String, UpgradeError> {
     Ok(text)
 }
 
-/// Runs the new binary (through `fd`) as `probe` and `check-config`; returns its build.
+/// Runs the new binary (through `fd`) as `probe`, `check-config` and `run --dry-run`; returns
+/// its build.
 pub fn preflight(fd: BorrowedFd<'_>, config: &Path) -> Result<String, UpgradeError> {
     let exe = proc_path(fd);
     let probe = run_bounded(Command::new(&exe).arg("probe"), "probe")?;
@@ -167,6 +169,16 @@ pub fn preflight(fd: BorrowedFd<'_>, config: &Path) -> Result<String, UpgradeErr
             .arg("--config")
             .arg(config),
         "check-config",
+    )?;
+    // The start-up path of `run` itself, short of binding and spawning: a binary that would
+    // exit at start is refused here, while the old one still runs.
+    run_bounded(
+        Command::new(&exe)
+            .arg("run")
+            .arg("--dry-run")
+            .arg("--config")
+            .arg(config),
+        "run --dry-run",
     )?;
     Ok(build.unwrap_or_else(|| "unknown".into()))
 }
