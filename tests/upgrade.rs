@@ -200,6 +200,26 @@ fn upgrade_under_load_keeps_pid_sockets_instances_and_every_request() {
         2 + 4,
         "workers + instances: {counts:?}"
     );
+    // Privileges are what they were before the first exec.
+    let keep: u64 = [6u32, 7, 5, 10].iter().map(|b| 1u64 << b).sum();
+    for field in ["CapEff", "CapPrm", "CapBnd"] {
+        let v = u64::from_str_radix(&proc_status(launcher.pid, field), 16).unwrap();
+        assert_eq!(v, keep, "launcher {field} after upgrades: {v:x}");
+    }
+    for role in ["proxy", "fleet"] {
+        let pid = launcher.worker_pid(role).unwrap();
+        assert_eq!(
+            proc_status(pid, "CapEff"),
+            "0000000000000000",
+            "{role} CapEff"
+        );
+        assert_eq!(proc_status(pid, "NoNewPrivs"), "1", "{role} NoNewPrivs");
+        assert_ne!(
+            proc_status(pid, "Uid").split_whitespace().next(),
+            Some("0"),
+            "{role} is root"
+        );
+    }
 }
 
 #[test]
