@@ -235,6 +235,12 @@ fn run_demo(https: SocketAddr, http: SocketAddr, dir: PathBuf) -> ExitCode {
         Err(e) => return fail(e),
     };
     let accounts = launcher::config::Accounts::Inherit;
+    if launcher::accounts_for_current_user() == launcher::config::Accounts::Switch {
+        tracing::warn!(
+            "the demo runs everything as the user that starts it: as root, the workers drop every \
+             capability but keep uid 0; run it as a normal user, or `overwatch run` with a config"
+        );
+    }
     let config = match launcher::config::Config::load(&config_path, accounts) {
         Ok(c) => c,
         Err(e) => return fail(e),
