@@ -846,8 +846,26 @@ impl Supervisor {
                 }
             }
         }
-        self.start_fleet().await?;
-        self.start_proxy().await?;
+        // A fresh launcher that cannot start its workers fails (systemd shows why); one that
+        // was re-executed keeps the old proxy serving and retries with backoff instead.
+        let resumed = self.retiring.is_some() || self.upgrades > 0;
+        for role in [Role::Fleet, Role::Proxy] {
+            let started = match role {
+                Role::Fleet => self.start_fleet().await,
+                Role::Proxy => self.start_proxy().await,
+            };
+            match started {
+                Ok(()) => {}
+                Err(e) if resumed => {
+                    tracing::error!("{e}; retrying");
+                    match role {
+                        Role::Fleet => self.fleet_respawn.after_death(Duration::ZERO),
+                        Role::Proxy => self.proxy_respawn.after_death(Duration::ZERO),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.connect_peers().await;
         // Children that exited while we were exec'ing.
         self.reap().await;
