@@ -351,6 +351,11 @@ async fn execute(socket: &PathBuf, cmd: Cmd) -> Outcome {
                 return Outcome::Failed;
             }
             Ok(None) => {
+                // An accepted upgrade retires the fleet worker holding this connection; it
+                // may go before its answer does. The new build's status tells.
+                if let Some(before) = upgrades_before {
+                    return wait_upgraded(socket, before).await;
+                }
                 eprintln!("overwatchctl: Overwatch closed the connection before answering");
                 return Outcome::Failed;
             }
