@@ -271,3 +271,74 @@ fn scaling_beyond_the_port_range_is_refused_and_changes_nothing() {
     assert_eq!(status["counts"]["https"], 1);
     assert_eq!(status["counts"]["http"], 1);
 }
+
+#[test]
+fn an_instance_failing_health_is_taken_out_and_replaced_without_failures() {
+    let sb = Sandbox::new();
+    have_test_users();
+    let config = sb.config(0, 2, false, "");
+    let _launcher = Launcher::run(&sb, &config);
+    let status = sb.wait_ready(2, Duration::from_secs(30));
+    let sick = &status["instances"][0];
+    let (sick_pid, sick_port) = (
+        sick["pid"].as_i64().unwrap(),
+        sick["port"].as_u64().unwrap(),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let threads = vec![
+        load(
+            &sb,
+            sb.http_url("/whoami"),
+            false,
+            stop.clone(),
+            tally.clone(),
+        ),
+        load(
+            &sb,
+            sb.http_url("/whoami"),
+            true,
+            stop.clone(),
+            tally.clone(),
+        ),
+    ];
+    // Straight to the instance on loopback: from now on its /health answers 503.
+    let body = sb
+        .client()
+        .get(format!("http://127.0.0.1:{sick_port}/sick"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(body.contains("health now fails"), "{body}");
+    // Three failed probes (interval 500 ms) take it out and replace it.
+    wait_for(
+        "the sick instance to be replaced",
+        Duration::from_secs(30),
+        || {
+            let s = sb.status()?;
+            let instances = s["instances"].as_array()?;
+            (instances.len() == 2
+                && instances.iter().all(|i| i["state"] == "ready")
+                && !instances.iter().any(|i| i["pid"] == sick_pid))
+            .then_some(())
+        },
+    );
+    wait_for(
+        "the sick instance's group to be gone",
+        Duration::from_secs(20),
+        || group_is_empty(sick_pid as i32).then_some(()),
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let tally = tally.lock().unwrap();
+    assert!(
+        tally.failed.is_empty(),
+        "failed: {:?}",
+        &tally.failed[..tally.failed.len().min(5)]
+    );
+    assert!(tally.ok > 10, "only {} requests", tally.ok);
+}

@@ -15,6 +15,7 @@
 //! | `/sse?n=N&ms=M` | N server-sent events, M ms apart |
 //! | `/upgrade` | `101` for `Upgrade: echo`, then echoes raw bytes |
 //! | `/exit` | exits the process with status 3 (crash tests) |
+//! | `/sick` | `/health` answers 503 from then on (health-failure tests) |
 
 #![forbid(unsafe_code)]
 
@@ -47,12 +48,14 @@ pub enum Error {
 }
 
 /// Who this instance is, from its environment.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Identity {
     pub pool: String,
     pub index: String,
     pub port: u16,
     pub pid: u32,
+    /// Set by `/sick`: `/health` answers 503 from then on (health-failure tests).
+    pub sick: std::sync::atomic::AtomicBool,
 }
 
 impl Identity {
@@ -66,6 +69,7 @@ impl Identity {
             index: std::env::var("OVERWATCH_INSTANCE").unwrap_or_else(|_| "0".into()),
             port,
             pid: std::process::id(),
+            sick: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -103,7 +107,15 @@ async fn handle(id: Arc<Identity>, req: Request<Incoming>) -> Result<Response<Bo
             .expect("static response")
     };
     let resp = match req.uri().path() {
+        "/health" if id.sick.load(std::sync::atomic::Ordering::SeqCst) => Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(full("sick\n"))
+            .expect("static response"),
         "/health" => text("ok\n".into()),
+        "/sick" => {
+            id.sick.store(true, std::sync::atomic::Ordering::SeqCst);
+            text("health now fails\n".into())
+        }
         "/whoami" => text(id.line()),
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_u64(&req, "ms", 1000))).await;
