@@ -3,8 +3,9 @@
 //! # Layout
 //! - [`frame`]: length-prefixed bincode frames with a maximum size; decoding tells
 //!   "need more bytes", "clean end" and "corrupt" apart.
-//! - [`fdpass`]: the only `unsafe` in the workspace's protocol path: `sendmsg`/`recvmsg` with
-//!   SCM_RIGHTS, and adopting a descriptor number handed over at `exec`.
+//! - [`fdpass`]: `sendmsg`/`recvmsg` with SCM_RIGHTS, and adopting a descriptor number handed
+//!   over at `exec`. With the `AsyncFd` registration in [`channel`], the only `unsafe` in the
+//!   workspace, each with a `SAFETY:` line.
 //! - [`channel`]: a typed, async `SOCK_SEQPACKET` channel between Overwatch processes; one
 //!   packet is one frame plus the descriptors it names.
 //! - [`ctl`]: the control-socket stream (`overwatchctl` ↔ fleet worker).
