@@ -76,6 +76,22 @@ fn listeners_on(port: u16) -> usize {
         .count()
 }
 
+/// Waits until `n` instances are ready and none of them is `pid` any more.
+fn wait_replaced(sb: &Sandbox, n: usize, pid: i64, what: &str) {
+    wait_for(
+        &format!("{what} to be replaced"),
+        Duration::from_secs(30),
+        || {
+            let s = sb.status()?;
+            let instances = s["instances"].as_array()?;
+            (instances.len() == n
+                && instances.iter().all(|i| i["state"] == "ready")
+                && !instances.iter().any(|i| i["pid"] == pid))
+            .then_some(())
+        },
+    );
+}
+
 fn group_is_empty(pgid: i32) -> bool {
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), None).is_err()
 }
@@ -216,18 +232,7 @@ fn rolling_restarts_and_scaling_under_load_fail_nothing() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait_for(
-        "the killed instance to be replaced",
-        Duration::from_secs(30),
-        || {
-            let s = sb.status()?;
-            let instances = s["instances"].as_array()?;
-            (instances.len() == 5
-                && instances.iter().all(|i| i["state"] == "ready")
-                && !instances.iter().any(|i| i["pid"] == victim))
-            .then_some(())
-        },
-    );
+    wait_replaced(&sb, 5, victim as i64, "the killed instance");
     let _ = snap;
 
     stop.store(true, Ordering::SeqCst);
@@ -313,18 +318,7 @@ fn an_instance_failing_health_is_taken_out_and_replaced_without_failures() {
         .unwrap();
     assert!(body.contains("health now fails"), "{body}");
     // Three failed probes (interval 500 ms) take it out and replace it.
-    wait_for(
-        "the sick instance to be replaced",
-        Duration::from_secs(30),
-        || {
-            let s = sb.status()?;
-            let instances = s["instances"].as_array()?;
-            (instances.len() == 2
-                && instances.iter().all(|i| i["state"] == "ready")
-                && !instances.iter().any(|i| i["pid"] == sick_pid))
-            .then_some(())
-        },
-    );
+    wait_replaced(&sb, 2, sick_pid, "the sick instance");
     wait_for(
         "the sick instance's group to be gone",
         Duration::from_secs(20),
